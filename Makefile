@@ -1,0 +1,40 @@
+# The course's commands. `make book` and `make test` each do all the set-up they need.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Per-cell limit for notebooks run under nbval; a solution as a whole must stay under 60 s.
+CELL_TIMEOUT ?= 120
+
+.PHONY: setup vendor book test bench labs clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install --no-deps -r requirements-nodeps.txt
+	touch $(STAMP)
+
+# Local copies of the site's JavaScript (mermaid, require.js, the ipywidgets embed manager),
+# taken from their npm packages, so that the site needs no CDN.
+vendor: _vendor/.complete
+
+_vendor/.complete: scripts/vendor-js.sh
+	bash scripts/vendor-js.sh _vendor
+
+book: setup vendor
+	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+
+labs: setup
+	$(PY) -m labkit.make_labs
+
+test: book
+	$(PY) -m pytest --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg \
+		--nbval-cell-timeout=$(CELL_TIMEOUT) solutions tests
+
+bench: setup
+	$(PY) -m labkit.bench solutions
+
+clean:
+	rm -rf _build _vendor

@@ -1,11 +1,11 @@
-"""Real-browser test of the built book: every page works offline, math, mermaid and widgets render.
+"""Real-browser test of the built book: every page works offline; math, mermaid and widgets render.
 
 `make test` builds the book first (`make book`), then runs this against `_build/html`, served
-over http://127.0.0.1 by a local http.server. Debian's chromium is driven by Playwright; every
+over http://127.0.0.1 by a local http.server. Debian's chromium is driven by Playwright. Every
 request that leaves 127.0.0.1 is blocked *and* counts as a failure, which proves the site needs
 no network (no CDN). One full-page screenshot per page type goes to `_build/screenshots/`.
 
-Environment (for trying it on another build, e.g. a scratch book):
+Environment (to run it on another build, e.g. a scratch book):
   BOOK_DIR   folder with _toc.yml and _config.yml        (default: the repository root)
   SITE_DIR   the built HTML site                         (default: <repository>/_build/html)
   CHROMIUM   the chromium executable                     (default: /usr/bin/chromium)
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import sync_playwright
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,13 +43,13 @@ CHROMIUM_ARGS = [
 
 CHAPTER = "chapters/01-transformer.html"
 LAB = "labs/01a-attention-and-gpt.html"
+LAB_NOTEBOOK = "labs/01a-attention-and-gpt.ipynb"
 SOLUTION = "solutions/01a-attention-and-gpt.html"
 TIMEOUT_MS = 20_000  # for any one thing to appear on a page
 
 
 def _load_yaml(name: str) -> dict:
-    path = BOOK_DIR / name
-    with open(path, encoding="utf-8") as f:
+    with open(BOOK_DIR / name, encoding="utf-8") as f:
         return yaml.safe_load(f)
 
 
@@ -59,7 +61,7 @@ def _html_name(file: str) -> str:
 
 
 def toc_pages() -> list[str]:
-    """The HTML pages of every `file` entry of _toc.yml, plus index.html (the redirect)."""
+    """index.html (jupyter-book's redirect), the root page and every `file` entry of _toc.yml."""
     toc = _load_yaml("_toc.yml")
     pages = ["index.html", _html_name(toc["root"])]
 
@@ -78,11 +80,12 @@ def toc_pages() -> list[str]:
 
 
 def expected_colab_url(notebook: str) -> str:
+    """The Colab link sphinx-book-theme should make, from _config.yml's repository section."""
     cfg = _load_yaml("_config.yml")
     repo = cfg["repository"]
     owner_name = urlsplit(repo["url"]).path.strip("/").removesuffix(".git")
     book = (repo.get("path_to_book") or "").strip("/")
-    colab = (cfg.get("launch_buttons", {}).get("colab_url") or "https://colab.research.google.com").rstrip("/")
+    colab = ((cfg.get("launch_buttons") or {}).get("colab_url") or "https://colab.research.google.com").rstrip("/")
     path = f"{book}/{notebook}" if book else notebook
     return f"{colab}/github/{owner_name}/blob/{repo.get('branch', 'main')}/{path}"
 
@@ -101,7 +104,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
     def send_head(self):
         # Chromium asks for /favicon.ico by itself, at a moment of its choosing; the book has
-        # none, and that 404 (a console error) is no fault of the site's pages.
+        # none, and that 404 (a console error) is no fault of the pages.
         if self.path.split("?")[0] == "/favicon.ico" and not (Path(self.directory) / "favicon.ico").exists():
             self.send_response(204)
             self.end_headers()
@@ -109,9 +112,38 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         return super().send_head()
 
 
+# JavaScript run in the page: what is still not rendered (a list of descriptions; empty = done).
+_NOT_RENDERED_JS = """() => {
+  const out = [];
+  const short = (e) => e.outerHTML.slice(0, 120).replace(/\\s+/g, " ");
+  for (const e of document.querySelectorAll("span.math, div.math"))
+    if (!e.querySelector("mjx-container")) out.push("math not typeset by MathJax: " + short(e));
+  for (const e of document.querySelectorAll("pre.mermaid, div.mermaid"))
+    if (!e.querySelector("svg")) out.push("mermaid diagram not drawn: " + short(e));
+  for (const s of document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]')) {
+    const view = s.previousElementSibling;
+    if (!view || !view.classList.contains("widget-subarea") || !view.firstElementChild)
+      out.push("widget not drawn by the embed manager: " + s.textContent.slice(0, 120));
+  }
+  return out;
+}"""
+
+# ... and what was rendered as an error.
+_RENDER_ERRORS_JS = """() => {
+  const out = [];
+  for (const e of document.querySelectorAll("mjx-merror"))
+    out.push("TeX error: " + (e.getAttribute("data-mjx-error") || e.textContent).slice(0, 200));
+  for (const e of document.querySelectorAll(".mermaid svg[aria-roledescription='error']"))
+    out.push("mermaid syntax error: " + e.closest(".mermaid").getAttribute("data-original-code"));
+  for (const e of document.querySelectorAll(".jupyter-widgets-error-widget"))
+    out.push("widget error: " + e.textContent.slice(0, 200));
+  return out;
+}"""
+
+
 @dataclass
 class Visit:
-    """One opened page and everything that went wrong on it (kept listening while open)."""
+    """One opened page and everything that went wrong on it (it keeps listening while open)."""
 
     path: str
     page: object
@@ -119,15 +151,21 @@ class Visit:
     page_errors: list[str] = field(default_factory=list)
     bad_responses: list[str] = field(default_factory=list)
     failed_requests: list[str] = field(default_factory=list)
+    render_problems: list[str] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
 
-    def problems(self, blocked: list[str]) -> list[str]:
+    def problems(self) -> list[str]:
         return (
-            [f"request left the site (blocked): {u}" for u in blocked]
+            [f"request to outside the site (blocked): {u}" for u in self.blocked]
             + [f"HTTP error: {r}" for r in self.bad_responses]
             + [f"request failed: {r}" for r in self.failed_requests]
             + [f"console error: {m}" for m in self.console_errors]
             + [f"uncaught exception: {m}" for m in self.page_errors]
+            + self.render_problems
         )
+
+    def report(self) -> str:
+        return f"{self.path}:\n  " + "\n  ".join(self.problems() or ["(no errors recorded)"])
 
 
 class Site:
@@ -135,91 +173,73 @@ class Site:
         self.base = base
         self.context = context
         self.visits: dict[str, Visit] = {}
-        self.blocked: dict[str, list[str]] = {}  # page path -> URLs blocked while it loaded
-        self._current: str | None = None
+        self._loading: Visit | None = None
         context.route("**/*", self._route)
 
     def _route(self, route):
-        url = route.request.url
-        if urlsplit(url).hostname == "127.0.0.1":
+        request = route.request
+        if urlsplit(request.url).hostname == "127.0.0.1":
             route.continue_()
-        else:
-            frame = route.request.frame
-            owner = self._owner(frame.page if frame else None)
-            self.blocked.setdefault(owner, []).append(url)
-            route.abort("blockedbyclient")
-
-    def _owner(self, page) -> str:
-        for visit in self.visits.values():
-            if visit.page == page:
-                return visit.path
-        return self._current or "?"
+            return
+        visit = self._loading
+        try:
+            page = request.frame.page
+            visit = next((v for v in self.visits.values() if v.page == page), visit)
+        except PlaywrightError:  # a request with no frame (e.g. from a worker)
+            pass
+        if visit is not None:
+            visit.blocked.append(request.url)
+        route.abort("blockedbyclient")
 
     def open(self, path: str) -> Visit:
-        """Open a page once (cached) and wait until its math, diagrams and widgets are drawn."""
+        """Open a page (once; later calls return the same Visit) and let it finish rendering."""
         if path in self.visits:
             return self.visits[path]
         page = self.context.new_page()
         visit = Visit(path, page)
         self.visits[path] = visit
-        self._current = path
-        origin = self.base
+        self._loading = visit
 
-        page.on("console", lambda m: m.type == "error" and visit.console_errors.append(f"{m.text} [{m.location.get('url', '')}]"))
-        page.on("pageerror", lambda e: visit.page_errors.append(str(e)))
+        def on_console(msg):
+            if msg.type == "error":
+                visit.console_errors.append(f"{msg.text} [at {msg.location.get('url') or '?'}]")
 
-        def on_response(r):
-            if r.url.startswith(origin) and r.status >= 400:
-                visit.bad_responses.append(f"{r.status} {r.url}")
+        def on_response(response):
+            if response.url.startswith(self.base) and response.status >= 400:
+                visit.bad_responses.append(f"{response.status} {response.url}")
 
-        def on_failed(r):
-            if r.url.startswith(origin):
-                visit.failed_requests.append(f"{r.url} ({r.failure})")
+        def on_failed(request):
+            if request.url.startswith(self.base):
+                visit.failed_requests.append(f"{request.url} ({request.failure})")
 
+        page.on("console", on_console)
+        page.on("pageerror", lambda exc: visit.page_errors.append(str(exc)))
         page.on("response", on_response)
         page.on("requestfailed", on_failed)
 
         response = page.goto(f"{self.base}/{path}", wait_until="load")
-        assert response is not None and response.status == 200, (
-            f"{path}: got HTTP {response.status if response else 'nothing'}"
-        )
+        if response is None or response.status != 200:
+            visit.bad_responses.append(f"{response.status if response else 'no response'} {path} (the page itself)")
+            return visit
         page.wait_for_load_state("networkidle")
-        self._wait_rendered(visit)
+        try:
+            page.wait_for_function(f"() => ({_NOT_RENDERED_JS})().length === 0", timeout=TIMEOUT_MS)
+        except PlaywrightError:
+            visit.render_problems += [f"after {TIMEOUT_MS} ms: {p}" for p in page.evaluate(_NOT_RENDERED_JS)]
+        visit.render_problems += page.evaluate(_RENDER_ERRORS_JS)
         page.wait_for_load_state("networkidle")
         return visit
-
-    def _wait_rendered(self, visit: Visit) -> None:
-        """Whatever the page contains of math, mermaid or widgets must get rendered."""
-        page = visit.page
-        checks = [
-            # (source element, rendered element, what)
-            ("div.math, span.math", "mjx-container", "MathJax did not typeset the math"),
-            ("pre.mermaid, div.mermaid", ".mermaid svg", "mermaid did not draw the diagram"),
-            (
-                'script[type="application/vnd.jupyter.widget-view+json"]',
-                ".jupyter-widgets",
-                "the ipywidgets embed manager drew no widget",
-            ),
-        ]
-        for source, rendered, what in checks:
-            if page.locator(source).count():
-                try:
-                    page.locator(rendered).first.wait_for(state="attached", timeout=TIMEOUT_MS)
-                except Exception as exc:  # noqa: BLE001 - report the page's own errors with it
-                    pytest.fail(
-                        f"{visit.path}: {what} (no {rendered!r} within {TIMEOUT_MS} ms: {type(exc).__name__}).\n"
-                        + "\n".join(visit.problems(self.blocked.get(visit.path, [])))
-                    )
-
-    def assert_clean(self, visit: Visit) -> None:
-        problems = visit.problems(self.blocked.get(visit.path, []))
-        assert not problems, f"{visit.path} ({self.base}/{visit.path}):\n  " + "\n  ".join(problems)
 
     def screenshot(self, visit: Visit, name: str) -> Path:
         SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
         out = SCREENSHOT_DIR / f"{name}.png"
         visit.page.screenshot(path=str(out), full_page=True)
         return out
+
+
+def assert_clean(visit: Visit) -> None:
+    if visit.problems():
+        pytest.fail(visit.report(), pytrace=False)
 
 
 @pytest.fixture(scope="module")
@@ -255,67 +275,96 @@ def site():
 # --------------------------------------------------------------------------------------------
 
 
-def test_toc_pages_exist():
+def test_toc_pages_were_built():
     missing = [p for p in toc_pages() if not (SITE_DIR / p).is_file()]
-    assert not missing, f"pages listed in {BOOK_DIR / '_toc.yml'} missing from {SITE_DIR}: {missing}"
+    assert not missing, f"pages listed in {BOOK_DIR / '_toc.yml'} are missing from {SITE_DIR}: {missing}"
 
 
 @pytest.mark.parametrize("path", toc_pages())
 def test_page_loads_offline_without_errors(site, path):
-    site.assert_clean(site.open(path))
+    """No console error, no uncaught exception, no HTTP error, no request leaving the site,
+    and all math, mermaid diagrams and widgets on the page rendered (without errors)."""
+    assert_clean(site.open(path))
 
 
 def test_math_is_typeset(site):
     visit = site.open(CHAPTER)
-    visit.page.locator("mjx-container").first.wait_for(state="visible")
-    assert visit.page.locator("mjx-container").count() >= 1, f"{CHAPTER}: no mjx-container"
-    site.assert_clean(visit)
+    math = visit.page.locator("mjx-container")
+    try:
+        math.first.wait_for(state="visible")
+    except PlaywrightError:
+        pytest.fail(f"{CHAPTER}: no visible mjx-container (MathJax typeset nothing)\n{visit.report()}")
+    assert_clean(visit)
 
 
 def test_mermaid_is_rendered(site):
     visit = site.open(CHAPTER)
-    svg = visit.page.locator(".mermaid svg").first
-    svg.wait_for(state="visible")
-    # the diagram really has nodes, not just an empty or an error svg
+    try:
+        visit.page.locator(".mermaid svg").first.wait_for(state="visible")
+    except PlaywrightError:
+        pytest.fail(f"{CHAPTER}: no visible '.mermaid svg' (mermaid drew nothing)\n{visit.report()}")
     nodes = visit.page.locator(".mermaid svg .node").count()
-    assert nodes >= 2, f"{CHAPTER}: the mermaid svg has {nodes} nodes"
-    assert not visit.page.locator(".mermaid svg[aria-roledescription='error']").count(), (
-        f"{CHAPTER}: mermaid drew a syntax-error diagram"
-    )
-    site.assert_clean(visit)
+    assert nodes >= 2, f"{CHAPTER}: the mermaid diagram has {nodes} nodes\n{visit.report()}"
+    assert_clean(visit)
+
+
+# Widget model -> what its view must look like once the embed manager has drawn it.
+_WIDGET_VIEWS = {
+    "IntSliderModel": ".widget-slider .noUi-handle",
+    "FloatSliderModel": ".widget-slider .noUi-handle",
+    "DropdownModel": ".widget-dropdown select",
+    "TextModel": ".widget-text input",
+    "OutputModel": ".widget-output",
+}
 
 
 def test_widgets_render_from_saved_state(site):
     visit = site.open(SOLUTION)
     page = visit.page
-    for selector, what in [
-        (".widget-slider", "IntSlider"),
-        (".widget-dropdown select", "Dropdown"),
-    ]:
+    states = page.locator('script[type="application/vnd.jupyter.widget-state+json"]')
+    assert states.count() == 1, f"{SOLUTION}: no saved widget state in the page (was the notebook executed with store_widget_state?)"
+    models = json.loads(states.first.text_content())["state"].values()
+    names = {m["model_name"] for m in models}
+    try:
+        page.locator(".widget-subarea .jupyter-widgets").first.wait_for(state="visible")
+    except PlaywrightError:
+        pytest.fail(f"{SOLUTION}: the embed manager drew no widget\n{visit.report()}")
+    for name in sorted(names & _WIDGET_VIEWS.keys()):
+        selector = _WIDGET_VIEWS[name]
         try:
             page.locator(selector).first.wait_for(state="visible")
-        except Exception:  # noqa: BLE001
-            pytest.fail(f"{SOLUTION}: no visible {what} ({selector!r}) drawn by the embed manager\n"
-                        + "\n".join(visit.problems(site.blocked.get(SOLUTION, []))))
-    # the interact's Output widget shows the saved matplotlib figure
-    image = page.locator(".widget-output img").first
-    image.wait_for(state="visible")
-    assert image.evaluate("img => img.complete && img.naturalWidth > 0"), f"{SOLUTION}: the Output widget's image did not load"
-    site.assert_clean(visit)
+        except PlaywrightError:
+            pytest.fail(f"{SOLUTION}: the saved state has a {name} but no visible {selector!r}\n{visit.report()}")
+    # Output widgets show their saved images (e.g. the matplotlib figure of an interact).
+    saved_images = sum(
+        1 for m in models if m["model_name"] == "OutputModel"
+        for o in m["state"].get("outputs", []) if "image/png" in o.get("data", {})
+    )
+    if saved_images:
+        images = page.locator(".widget-output img")
+        assert images.count() >= saved_images, (
+            f"{SOLUTION}: {saved_images} saved Output-widget images, {images.count()} shown\n{visit.report()}"
+        )
+        for i in range(images.count()):
+            images.nth(i).wait_for(state="visible")
+            assert images.nth(i).evaluate("img => img.complete && img.naturalWidth > 0"), (
+                f"{SOLUTION}: Output-widget image {i} did not load"
+            )
+    assert_clean(visit)
 
 
 def test_colab_launch_link(site):
     visit = site.open(LAB)
-    expected = expected_colab_url("labs/01a-attention-and-gpt.ipynb")
+    expected = expected_colab_url(LAB_NOTEBOOK)
+    # The launch buttons sit in a header dropdown; the links are in the DOM without opening it.
     hrefs = visit.page.locator("a[href*='colab.research.google.com']").evaluate_all("els => els.map(e => e.href)")
-    assert expected in hrefs, f"{LAB}: no Colab launch link to {expected}; Colab links found: {hrefs}"
-    site.assert_clean(visit)
+    assert expected in hrefs, f"{LAB}: no Colab launch link to {expected}; Colab links on the page: {hrefs}"
+    assert_clean(visit)
 
 
 def test_screenshots(site):
-    toc = _load_yaml("_toc.yml")
     shots = {
-        "intro": _html_name(toc["root"]),
+        "intro": _html_name(_load_yaml("_toc.yml")["root"]),
         "chapter": CHAPTER,
         "lab": LAB,
         "solution": SOLUTION,

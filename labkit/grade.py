@@ -160,7 +160,8 @@ def rebuild(submission: nbformat.NotebookNode, lab: nbformat.NotebookNode,
 
     Student cells are matched to lab cells by cell id, or markdown cells by identical text.
     A student cell with no match stays where it was, after the matched cell before it.
-    Deleted lab cells come back from the lab; check cells always come from the lab.
+    Check cells always come from the lab, deleted ones too; other deleted cells stay deleted
+    (restoring an exercise's stub after the student's own version would undo their work).
     """
     ids = {cell.get("id"): i for i, cell in enumerate(lab.cells)}
     texts = {cell.source: i for i, cell in enumerate(lab.cells) if cell.cell_type == "markdown"}
@@ -180,7 +181,10 @@ def rebuild(submission: nbformat.NotebookNode, lab: nbformat.NotebookNode,
             after[anchor].append(cell)
     cells = list(after[-1])
     for i, lab_cell in enumerate(lab.cells):
-        cells.append(copy.deepcopy(lab_cell) if is_check_cell(lab_cell) else kept.get(i, copy.deepcopy(lab_cell)))
+        if is_check_cell(lab_cell):
+            cells.append(copy.deepcopy(lab_cell))
+        elif i in kept:
+            cells.append(kept[i])
         cells.extend(after.get(i, []))
     rebuilt = nbformat.v4.new_notebook(cells=[_clean(c) for c in cells + extra_cells])
     rebuilt.metadata = {"kernelspec": KERNELSPEC, "language_info": {"name": "python"},

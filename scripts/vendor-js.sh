@@ -11,8 +11,11 @@
 #   vendor/requirejs/     require.js (the embed manager is an AMD bundle)       [myst-nb nb_ipywidgets_js]
 #   vendor/html-manager/  embed-amd.js (@jupyter-widgets/html-manager, the 1.0.x line for
 #                         ipywidgets 8, with the core widgets built in), the font files its
-#                         bundled CSS refers to, and setup.js (written here), which points the
-#                         bundle's asset path and module "CDN" at this folder.
+#                         bundled CSS refers to, and setup.js (written here; loaded between
+#                         the two), which makes the bundle find those files here from a page
+#                         at any depth and never ask a CDN for a widget module.
+# Re-vendoring does not by itself refresh _build/html/vendor: Sphinx copies html_extra_path
+# only when it writes pages, so rebuild with `make clean book` (or jupyter-book build --all).
 # Only `npm pack` is used (one tarball per package, no dependency tree). The tarballs are
 # checked against pinned sha512 digests. The script is idempotent: it rebuilds OUTDIR/vendor
 # from scratch each run and touches OUTDIR/.complete only when everything succeeded.
@@ -47,7 +50,7 @@ mkdir -p "$STAGE"
 # fetch SPEC SHA512 NAME: npm pack SPEC into $WORK, check its digest, unpack to $WORK/NAME/package
 fetch() {
     local spec=$1 want=$2 name=$3 tgz got
-    tgz=$(cd "$WORK" && npm pack --silent "$spec" | tail -n 1)
+    tgz=$(cd "$WORK" && npm pack --loglevel=error "$spec" | tail -n 1)
     [[ -f "$WORK/$tgz" ]] || { echo "vendor-js.sh: npm pack $spec produced no tarball" >&2; exit 1; }
     got=$(node -e 'const c=require("crypto"),fs=require("fs");
         process.stdout.write("sha512-"+c.createHash("sha512").update(fs.readFileSync(process.argv[1])).digest("base64"))' \

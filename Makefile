@@ -23,8 +23,10 @@ vendor: _vendor/.complete
 _vendor/.complete: scripts/vendor-js.sh
 	bash scripts/vendor-js.sh _vendor
 
+# --all: Sphinx copies html_extra_path (the vendored JavaScript) only on a full write.
+# Chapters are still executed only when they change (jupyter-cache).
 book: setup vendor
-	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+	$(VENV)/bin/jupyter-book build . --all -W -n --keep-going
 
 labs: setup
 	$(PY) -m labkit.make_labs

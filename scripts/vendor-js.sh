@@ -110,8 +110,26 @@ done
 #  - A widget module that is not built in (a third-party widget) is looked up in the site's
 #    vendor/ folder, never on a CDN: it fails visibly (404) instead of silently needing the
 #    network. The core widgets (@jupyter-widgets/base, controls, output) are built in.
+#  - The bundle typesets widget labels with MathJax 2's `MathJax.Hub.Queue`, but the site runs
+#    MathJax 3, which has no Hub: every labelled widget threw "reading 'Queue'". A small Hub
+#    whose Queue calls MathJax 3's typesetPromise is kept on whatever object window.MathJax is
+#    (MathJax 3 replaces its config object with itself when it starts).
 cat > "$STAGE/html-manager/setup.js" <<'EOF'
 /* Written by scripts/vendor-js.sh: serve the ipywidgets embed manager from vendor/ only. */
+(function () {
+  var hub = { Queue: function (command) {
+    var element = command && command[2], mathjax = window.MathJax;
+    if (element && mathjax && mathjax.typesetPromise) mathjax.typesetPromise([element]).catch(function () {});
+  } };
+  var current = window.MathJax;
+  var withHub = function (value) {
+    if (value && typeof value === "object" && !value.Hub) value.Hub = hub;
+    return value;
+  };
+  withHub(current);
+  Object.defineProperty(window, "MathJax", { configurable: true, enumerable: true,
+    get: function () { return current; }, set: function (value) { current = withHub(value); } });
+})();
 (function () {
   var script = document.currentScript;
   var here = new URL("./", script.src).href.replace(/\/$/, "");

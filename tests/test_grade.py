@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -95,6 +96,18 @@ solutions = [p for p, text in seen.items() if "# BEGIN SOLUTION" in text]
 raise RuntimeError(f"SNOOP hidden={len(hidden)} solutions={len(solutions)} files={len(seen)}")
 """
 
+# The grading test listens on this port on the host's loopback; a sandboxed kernel must not reach it.
+LISTENER = socket.create_server(("127.0.0.1", 0))
+NETWORK = f"""
+import socket
+try:
+    socket.create_connection(("127.0.0.1", {LISTENER.getsockname()[1]}), timeout=3).close()
+    reached = True
+except OSError:
+    reached = False
+raise RuntimeError(f"NET reached={{reached}}")
+"""
+
 HIDDEN_EDGE = "d = v.shape[-1]"  # scales by the values' width: right when d_v = d_k, as in every visible check
 
 # name -> (a notebook or raw text, the expected score: a number, a set of allowed numbers, or "<" for
@@ -121,6 +134,7 @@ CASES = {
     "14_notebook_of_another_lab": (lambda: _other_lab(), 0),
     "15_fails_a_hidden_edge_case": (lambda: _hidden_edge(), FULL - 1),
     "16_fresh_ids_no_metadata": (lambda: fresh_ids_no_metadata(solution()), FULL),
+    "17_reaches_for_the_network": (lambda: append(solution(), NETWORK), FULL),
 }
 
 
@@ -204,6 +218,17 @@ def test_reasons_are_clear(graded):
 def test_a_timed_out_cell_is_reported(graded):
     _, _, out, _ = graded
     assert "Timeout of 20 seconds exceeded" in (out / "08_infinite_loop" / "log.txt").read_text()
+
+
+def test_no_network_in_the_sandbox(graded):
+    _, _, out, _ = graded
+    log = (out / "17_reaches_for_the_network" / "log.txt").read_text()
+    assert "NET reached=False" in log, log[-2000:]
+
+
+def test_memory_is_capped(graded):
+    _, _, out, _ = graded
+    assert "can't allocate memory" in (out / "11_allocates_50GB" / "log.txt").read_text()
 
 
 def test_snooping_finds_neither_hidden_checks_nor_solutions(graded):

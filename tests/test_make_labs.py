@@ -81,5 +81,6 @@ def test_setup_cell_installs_from_the_configured_repository(solution_path):
         setup = [c for c in notebook.cells if "setup" in c.metadata.get("tags", [])]
         assert len(setup) == 1 and notebook.cells.index(setup[0]) <= 2, f"{path.name}: one set-up cell, at the top"
         source = setup[0].source
-        assert f'"{url}", "{ref}"' in source and "check_call" in source and "google.colab" in source
+        assert f'COURSE_REPO = "{url}"\nCOURSE_REF = "{ref}"' in source
+        assert "check_call" in source and "google.colab" in source
         assert "torch" not in source.split("import torch")[0].replace("(never torch)", ""), "never installs torch"

@@ -1,0 +1,23 @@
+"""The `labkit` command: `labkit grade ...`, `labkit make-labs ...`, `labkit bench ...`, `labkit autograder ...`.
+
+Each subcommand is the same as `python -m labkit.<module>` with the same arguments.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {"grade": "labkit.grade", "make-labs": "labkit.make_labs", "bench": "labkit.bench",
+            "autograder": "labkit.autograder"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: labkit {{{','.join(COMMANDS)}}} [arguments]  (see labkit <command> --help)")
+        return 2
+    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -120,7 +120,7 @@ CASES = {
     "04_wrong_check_edited_to_pass": (lambda: edited_to_pass(unscaled(solution())), "<"),
     "05_wrong_check_deleted": (lambda: deleted_check(unscaled(solution())), "<"),
     "06_wrong_with_monkeypatched_comparisons": (lambda: insert_after_setup(unscaled(solution()), MONKEYPATCH), "<"),
-    "07_snoops_for_hidden_checks": (lambda: append(solution(), SNOOP), FULL),
+    "07_snoops_for_hidden_checks": (lambda: insert_after_setup(solution(), SNOOP), FULL),
     "08_infinite_loop": (lambda: insert_after_setup(solution(), "while True:\n    pass"), FULL),
     "09_loop_ignoring_sigint": (lambda: insert_after_setup(
         solution(), "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass"), 0),
@@ -134,7 +134,7 @@ CASES = {
     "14_notebook_of_another_lab": (lambda: _other_lab(), 0),
     "15_fails_a_hidden_edge_case": (lambda: _hidden_edge(), FULL - 1),
     "16_fresh_ids_no_metadata": (lambda: fresh_ids_no_metadata(solution()), FULL),
-    "17_reaches_for_the_network": (lambda: append(solution(), NETWORK), FULL),
+    "17_reaches_for_the_network": (lambda: insert_after_setup(solution(), NETWORK), FULL),
 }
 
 
@@ -161,7 +161,7 @@ def graded(tmp_path_factory):
     out = tmp_path_factory.mktemp("reports")
     start = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "labkit.grade", str(folder), "--lab", "01a", "--out", str(out),
-                          "--workers", "2", "--cell-timeout", "20", "--timeout", "120", "--memory-gb", "6"],
+                          "--workers", "2", "--cell-timeout", "40", "--timeout", "240", "--memory-gb", "6"],
                          capture_output=True, text=True, timeout=1200)
     seconds = time.perf_counter() - start
     results = {name: json.loads((out / name / "results.json").read_text()) for name in CASES}
@@ -217,7 +217,7 @@ def test_reasons_are_clear(graded):
 
 def test_a_timed_out_cell_is_reported(graded):
     _, _, out, _ = graded
-    assert "Timeout of 20 seconds exceeded" in (out / "08_infinite_loop" / "log.txt").read_text()
+    assert "Timeout of 40 seconds exceeded" in (out / "08_infinite_loop" / "log.txt").read_text()
 
 
 def test_no_network_in_the_sandbox(graded):

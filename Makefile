@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Per-cell limit for notebooks run under nbval; a solution as a whole must stay under 60 s.
 CELL_TIMEOUT ?= 120
 
-.PHONY: setup vendor book test bench labs clean
+.PHONY: setup vendor book test bench labs clean autograder
 
 setup: $(STAMP)
 
@@ -40,3 +40,9 @@ bench: setup
 
 clean:
 	rm -rf _build _vendor
+
+# A Gradescope autograder for one lab: _build/autograder/<LAB>/ and _build/autograder/autograder-<LAB>.zip
+# (see the bundle's README.md). A private set of hidden checks: make autograder LAB=01a HIDDEN=dir
+LAB ?= 01a
+autograder: setup
+	$(PY) -m labkit.autograder --lab $(LAB) --out _build/autograder $(if $(HIDDEN),--hidden $(HIDDEN))

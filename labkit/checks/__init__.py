@@ -25,7 +25,9 @@ from typing import Any, Callable
 import torch
 
 GRADING_ENV = "LABKIT_GRADING_DIR"
-LAB_MODULES = {"01a": "labkit.checks.lab01a"}
+LAB_MODULES = {"01a": "labkit.checks.lab01a", "02": "labkit.checks.lab02", "03": "labkit.checks.lab03",
+               "04": "labkit.checks.lab04",
+               "01b": "labkit.checks.lab01b"}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,119 @@
+"""The checks of Lab 2 pass on the solution and fail, with the right message, on planted bugs;
+their references agree with Hugging Face's Llama and DeepSeek-V3 attention."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import labkit
+from labkit.checks import checks_of_lab
+from labkit.checks import lab02
+from buggy_lab02 import BUGS
+from notebook_code import solution_namespace
+
+SOLUTION_ARGS = {  # check id -> the names the lab's check cell passes
+    "02.repeat_kv": ("repeat_kv",), "02.gqa": ("GroupedQueryAttention",), "02.kv_cache": ("KVCache",),
+    "02.generate": ("Decoder", "generate"), "02.mla": ("MultiHeadLatentAttention",),
+    "02.mla_cache": ("MultiHeadLatentAttention",), "02.kv_bytes": ("kv_cache_bytes", "mla_cache_bytes"),
+    "02.flash": ("flash_attention",),
+}
+
+
+@pytest.fixture(scope="module")
+def ns():
+    return solution_namespace("02-attention-variants")
+
+
+@pytest.fixture(autouse=True)
+def not_grading(monkeypatch):
+    monkeypatch.delenv("LABKIT_GRADING_DIR", raising=False)
+
+
+def test_every_check_has_planted_bugs():
+    assert set(BUGS) == set(checks_of_lab("02")) == set(SOLUTION_ARGS)
+
+
+@pytest.mark.parametrize("check_id", sorted(SOLUTION_ARGS))
+def test_solution_passes(ns, check_id, capsys):
+    labkit.check(check_id, *(ns[name] for name in SOLUTION_ARGS[check_id]))
+    assert capsys.readouterr().out.startswith(f"✔ {check_id}")
+
+
+@pytest.mark.parametrize("check_id", sorted(SOLUTION_ARGS))
+def test_solution_passes_other_seeds(ns, check_id):
+    """The grader draws its own inputs: the solution must pass on any seed."""
+    spec = checks_of_lab("02")[check_id]
+    for seed in (1, 2026):
+        inputs = spec.make_inputs(seed)
+        assert spec.verify(inputs, spec.collect(inputs, *(ns[name] for name in SOLUTION_ARGS[check_id]))).startswith("✔")
+
+
+@pytest.mark.parametrize("check_id,bug,message",
+                         [(c, bug, msg) for c, bugs in BUGS.items() for bug, msg in bugs],
+                         ids=lambda v: v.__name__ if callable(v) else None)
+def test_check_catches_bug(ns, check_id, bug, message):
+    student = bug(ns)
+    student = student if isinstance(student, tuple) else (student,)
+    with pytest.raises(AssertionError, match=message):
+        labkit.check(check_id, *student)
+
+
+# ---------------------------------------------------------------- the references themselves
+def test_repeat_interleave_is_llamas_grouping():
+    from transformers.models.llama.modeling_llama import repeat_kv
+
+    x = torch.randn(2, 3, 5, 4)
+    for n_rep in (1, 2, 4):
+        assert torch.equal(repeat_kv(x, n_rep), torch.repeat_interleave(x, n_rep, dim=1))
+
+
+def test_gqa_reference_matches_hf_llama_attention():
+    """The check's GQA reference (SDPA with enable_gqa) equals LlamaAttention with RoPE disabled."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, num_attention_heads=8, num_key_value_heads=2, attention_bias=True)
+    config._attn_implementation = "eager"
+    hf = LlamaAttention(config, layer_idx=0).double().eval()
+    x = torch.randn(2, 6, 32, dtype=torch.float64)
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()
+    additive = torch.zeros(6, 6, dtype=torch.float64).masked_fill(~mask, float("-inf"))[None, None]
+    identity = (torch.ones(2, 6, 4, dtype=torch.float64), torch.zeros(2, 6, 4, dtype=torch.float64))  # cos, sin
+    with torch.no_grad():
+        want, _ = hf(x, identity, additive)
+        got = lab02._reference_gqa(hf.state_dict(), x, 8, 2, mask)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_mla_reference_matches_hf_deepseek_v3_attention():
+    """The check's MLA reference equals DeepseekV3Attention with RoPE disabled."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
+
+    inputs = lab02.mla_inputs(0)
+    c = inputs["config"]
+    config = DeepseekV3Config(hidden_size=c["d_model"], num_attention_heads=c["n_heads"],
+                              num_key_value_heads=c["n_heads"], q_lora_rank=c["q_lora_rank"],
+                              kv_lora_rank=c["kv_lora_rank"], qk_nope_head_dim=c["qk_nope_head_dim"],
+                              qk_rope_head_dim=c["qk_rope_head_dim"], v_head_dim=c["v_head_dim"], rope_interleave=False)
+    config._attn_implementation = "eager"
+    hf = DeepseekV3Attention(config, layer_idx=0).double().eval()
+    hf.load_state_dict({k: v.double() for k, v in inputs["weights"].items()})
+    B, T = inputs["x"].shape[:2]
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    additive = torch.zeros(T, T, dtype=torch.float64).masked_fill(~mask, float("-inf"))[None, None]
+    r = c["qk_rope_head_dim"]
+    identity = (torch.ones(B, T, r, dtype=torch.float64), torch.zeros(B, T, r, dtype=torch.float64))
+    with torch.no_grad():
+        want, _ = hf(inputs["x"].double(), identity, additive)
+    torch.testing.assert_close(lab02._reference_mla(inputs, mask), want, atol=1e-6, rtol=0)
+
+
+def test_published_figures():
+    """The hand-computed figures of the kv_bytes check, in the units the chapter quotes."""
+    by_name = {what: want for what, _, _, want in lab02.KV_BYTES_CASES + lab02.MLA_BYTES_CASES}
+    assert by_name["Llama 3 70B, 8192 tokens, bf16"] == 2.5 * 2**30
+    assert by_name["Llama 3 70B as if it had MHA (64 KV heads), 8192 tokens, bf16"] == 20 * 2**30
+    assert by_name["Llama 3 8B, 131072 tokens, bf16"] == 16 * 2**30
+    assert by_name["DeepSeek-V2, 131072 tokens, bf16"] == 8.4375 * 2**30

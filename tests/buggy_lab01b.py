@@ -447,6 +447,10 @@ def relpos_exact_of_all_buckets(ns):
     return _relpos(ns, exact_of_all=True)  # BUG: max_exact from all the buckets, not from one side's
 
 
+def relpos_flattens(ns):
+    return lambda relative_position, *args: ns["relative_position_bucket"](relative_position.flatten(), *args)  # BUG
+
+
 # check id -> [(factory, a regular expression the failure message must match)]
 BUGS = {
     "01b.padding_bias": [(padding_bias_inverted, r"must be 0 on real tokens"),
@@ -491,8 +495,9 @@ BUGS = {
                    (greedy_first_position, r"is not|but the argmax"),
                    (greedy_no_bos, r"start every sequence with bos_id")],
     "01b.relpos": [(relpos_no_offset, r"keys after the query"),
-                   (relpos_rounds, r"T5's function gives"),
+                   (relpos_rounds, r"bucket boundaries are log-spaced"),
                    (relpos_no_cap, r"distance -\d+ is in bucket 1[6-9]; keys after the query"),
                    (relpos_causal_abs, r"a causal decoder never attends to d > 0"),
-                   (relpos_exact_of_all_buckets, r"T5's function gives")],
+                   (relpos_exact_of_all_buckets, r"bucket 9 starts at distance 9; .* log-spaced"),
+                   (relpos_flattens, r"on a \(7, 9\) matrix .* any shape")],
 }

@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import asdict, dataclass, field
@@ -354,6 +355,11 @@ def write_inputs(folder: Path, checks: dict[str, Check], seed: int) -> None:
         torch.save(spec.make_inputs(seed + offset), folder / "inputs" / f"{check_id}.pt")
 
 
+# Batches grade submissions in threads; verification imports reference libraries lazily
+# (transformers' lazy modules are not thread-safe), and is quick, so it runs one at a time.
+VERIFY_LOCK = threading.Lock()
+
+
 def score_check(check_id: str, spec: Check, folder: Path, seed_offset: int, seed: int, error: str) -> tuple[bool, str]:
     """Verify the outputs the kernel saved for one check, in this process."""
     outputs_path = folder / "outputs" / f"{check_id}.pt"
@@ -363,7 +369,8 @@ def score_check(check_id: str, spec: Check, folder: Path, seed_offset: int, seed
         outputs = torch.load(outputs_path, weights_only=True)
         if not isinstance(outputs, dict):
             raise AssertionError("the recorded outputs are not a dict")
-        return True, spec.verify(spec.make_inputs(seed + seed_offset), outputs)
+        with VERIFY_LOCK:
+            return True, spec.verify(spec.make_inputs(seed + seed_offset), outputs)
     except AssertionError as failure:
         return False, str(failure)[:1000]
     except Exception as error:  # a malformed or tampered outputs file, or outputs of the wrong kind

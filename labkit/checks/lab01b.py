@@ -671,6 +671,14 @@ def relpos_verify(inputs: dict, out: dict) -> str:
         if not (got[far] == offset[far] + half - 1).all():
             raise AssertionError(f"{what}: every |d| >= max_distance must fall in the last bucket of its side, "
                                  f"{half - 1} (+ {half} for d > 0)")
+        side = got[d <= 0].flip(0)  # buckets of n = 0, 1, 2, ... on the side every setting has
+        for b in range(max_exact, half):  # log spacing: bucket b starts near e * (D / e) ** ((b - e) / (half - e))
+            starts = torch.nonzero(side == b)
+            expected = max_exact * (max_distance / max_exact) ** ((b - max_exact) / (half - max_exact))
+            if len(starts) == 0 or abs(int(starts[0]) - math.ceil(expected)) > 1:
+                first = "is never used" if len(starts) == 0 else f"starts at distance {int(starts[0])}"
+                raise AssertionError(f"{what}: bucket {b} {first}; beyond the exact buckets, bucket boundaries are "
+                                     f"log-spaced, and bucket {b} starts at about {expected:.1f}")
         want = t5_bucket(d, bidirectional, num_buckets, max_distance)
         if not torch.equal(got, want):
             j = int(d[got != want][0])

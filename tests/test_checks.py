@@ -11,6 +11,7 @@ import pytest
 
 import labkit
 from labkit.checks import LAB_MODULES, checks_of_lab
+from labkit.grade import hidden_checks
 from notebook_code import ROOT, solution_namespace
 
 CALL = re.compile(r'labkit\.check\("(?P<id>[\w.]+)"(?P<args>[^)]*)\)')
@@ -77,3 +78,15 @@ def test_check_catches_planted_bug(lab, check_id, bug, message):
     student = student if isinstance(student, tuple) else (student,)
     with pytest.raises(AssertionError, match=message):
         labkit.check(check_id, *student)
+
+
+HIDDEN_CASES = [(lab, hidden) for lab in sorted(LAB_MODULES) for hidden in hidden_checks(lab, None)]
+
+
+@pytest.mark.parametrize("lab,hidden", HIDDEN_CASES, ids=[h.check.id for _, h in HIDDEN_CASES])
+def test_hidden_check_passes_on_the_solution(lab, hidden):
+    """The grader's hidden checks accept the solution (their collect runs here, in this process)."""
+    student = [namespace(lab)[name] for name in hidden.args]
+    for seed in (0, 2026):
+        inputs = hidden.check.make_inputs(seed)
+        assert hidden.check.verify(inputs, hidden.check.collect(inputs, *student)).startswith("✔")

@@ -417,8 +417,8 @@ def mla_cache_verify(inputs: dict, out: dict) -> str:
                 "decompressing anything")
         assert_close(f"{what}: prefill {inputs['prefill']} tokens, then one at a time (vs the full causal pass)",
                      out[path], want, hint="attend over everything cache.update returns")
-    return (f"✔ 02.mla_cache: cached decoding matches the full pass, and the cache holds kv_lora_rank + "
-            f"qk_rope_head_dim numbers per token")
+    return ("✔ 02.mla_cache: cached decoding matches the full pass, and the cache holds kv_lora_rank + "
+            "qk_rope_head_dim numbers per token")
 
 
 # ---------------------------------------------------------------- KV-cache size

@@ -588,7 +588,7 @@ def layer_counts_verify(inputs: dict, out: dict) -> str:
         for key, want in flops.items():
             if got.get(key) != want:
                 hint = ("forward FLOPs per token: 2 per weight (a multiply and an add), plus, for attention, "
-                        f"2 * seq_len * d_model for the scores q k^T and as much for the weighted sum of the "
+                        "2 * seq_len * d_model for the scores q k^T and as much for the weighted sum of the "
                         "values (all seq_len keys, no causal saving)")
                 raise AssertionError(f"layer_flops({args}, seq_len={seq_len}) [{name}]: {key!r} = {got.get(key)}, "
                                      f"but torch.utils.flop_counter measures {want} per token on transformers' "

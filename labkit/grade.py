@@ -255,9 +255,10 @@ def sandbox_prefix(hidden: list[Path]) -> tuple[list[str], str]:
     allows it. If none of this is available, the run is not isolated, and the report says so.
     """
     unshare, ip = shutil.which("unshare"), shutil.which("ip")
+    # A path that vanished since it was listed (another run's temporary file) needs no hiding.
     steps = [f"{ip} link set lo up"] + [
-        f"mount -t tmpfs -o size=4k none {shlex.quote(str(p))}" if p.is_dir()
-        else f"mount --bind /dev/null {shlex.quote(str(p))}" for p in hidden]
+        f"{{ mount {'-t tmpfs -o size=4k none' if p.is_dir() else '--bind /dev/null'} {shlex.quote(str(p))}"
+        f" 2>/dev/null || ! test -e {shlex.quote(str(p))}; }}" for p in hidden]
     script = " && ".join(steps)
     for extra in ([], ["-r"]):
         if unshare and ip:

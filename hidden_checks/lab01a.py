@@ -4,13 +4,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from labkit.checks import Check, assert_close
-from labkit.checks.lab01a import GPT_CONFIG, _generator
+from labkit.checks import Check, assert_close, seeded_generator
+from labkit.checks.lab01a import GPT_CONFIG
 from labkit.grade import HiddenCheck
 
 
 def sdpa_shapes_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     # Values of another width than queries and keys; a single query; five leading axes.
     return {"q": torch.randn(2, 3, 1, 8, generator=g), "k": torch.randn(2, 3, 6, 8, generator=g),
             "v": torch.randn(2, 3, 6, 3, generator=g),
@@ -34,7 +34,7 @@ def sdpa_shapes_verify(inputs: dict, out: dict) -> str:
 
 
 def mha_edge_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     d_model = 12
     weights = {}
     for n_heads in (1, 12):
@@ -69,7 +69,7 @@ def mha_edge_verify(inputs: dict, out: dict) -> str:
 
 
 def generate_edge_inputs(seed: int) -> dict:
-    return {"config": dict(GPT_CONFIG), "seed": seed, "prompt": torch.randint(50, (1, 16), generator=_generator(seed))}
+    return {"config": dict(GPT_CONFIG), "seed": seed, "prompt": torch.randint(50, (1, 16), generator=seeded_generator(seed))}
 
 
 def generate_edge_collect(inputs, GPT, generate):

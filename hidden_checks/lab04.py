@@ -4,13 +4,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from labkit.checks import Check, assert_close
-from labkit.checks.lab04 import _block_weights, _generator, _reference_block, assert_bf16_close
+from labkit.checks import Check, assert_close, seeded_generator
+from labkit.checks.lab04 import _block_weights, _reference_block, assert_bf16_close
 from labkit.grade import HiddenCheck
 
 
 def norms_edge_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     d = 24
     return {"d": d, "w": 1 + 0.1 * torch.randn(d, generator=g), "b": 0.1 * torch.randn(d, generator=g),
             "x4": torch.randn(2, 3, 4, d, generator=g) * 5,               # four axes
@@ -53,7 +53,7 @@ def norms_edge_verify(inputs: dict, out: dict) -> str:
 
 
 def swiglu_edge_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     d_model, d_ff = 8, 3  # a hidden width narrower than the model
     return {"weights": {"gate_proj.weight": torch.randn(d_ff, d_model, generator=g),
                         "up_proj.weight": torch.randn(d_ff, d_model, generator=g),
@@ -85,7 +85,7 @@ def swiglu_edge_verify(inputs: dict, out: dict) -> str:
 
 
 def block_edge_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     d_model = 12
     cases = [{"norm": "post", "norm_type": "rms", "ffn": "swiglu", "d_ff": 20, "n_heads": 1},
              {"norm": "pre", "norm_type": "layer", "ffn": "gelu", "d_ff": 36, "n_heads": 12}]

@@ -17,6 +17,7 @@ student's code cannot reach it.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,19 @@ def record_with(check_id: str, collect: Callable[..., dict], *student: Any, fold
     with open(folder / "outputs" / f"{check_id}.pt", "xb") as f:  # "x": never overwrite an earlier record
         torch.save(outputs, f)
     print(f"{check_id}: outputs recorded for grading")
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU generator for a check's inputs: the same seed draws the same inputs everywhere."""
+    return torch.Generator().manual_seed(seed)
+
+
+def linear_weights(prefix: str, d_in: int, d_out: int, g: torch.Generator, bias: bool = True) -> dict:
+    """Random weights for an ``nn.Linear(d_in, d_out)`` named ``prefix``, scaled like its default init."""
+    weights = {f"{prefix}.weight": torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in)}
+    if bias:
+        weights[f"{prefix}.bias"] = 0.1 * torch.randn(d_out, generator=g)
+    return weights
 
 
 def assert_close(what: str, got: torch.Tensor, want: torch.Tensor, atol: float = 1e-5, hint: str = "") -> None:

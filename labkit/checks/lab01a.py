@@ -12,24 +12,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from labkit.checks import Check, assert_close, load_weights
-
-
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _linear_weights(prefix: str, d_in: int, d_out: int, g: torch.Generator, bias: bool = True) -> dict:
-    weights = {f"{prefix}.weight": torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in)}
-    if bias:
-        weights[f"{prefix}.bias"] = 0.1 * torch.randn(d_out, generator=g)
-    return weights
+from labkit.checks import Check, assert_close, linear_weights, load_weights, seeded_generator
 
 
 def _mha_weights(prefix: str, d_model: int, g: torch.Generator) -> dict:
     weights = {}
     for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        weights |= _linear_weights(f"{prefix}{name}", d_model, d_model, g)
+        weights |= linear_weights(f"{prefix}{name}", d_model, d_model, g)
     return weights
 
 
@@ -51,7 +40,7 @@ def _causal(T: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- scaled dot-product attention
 def sdpa_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     B, H, T_q, T_k, d = 2, 3, 5, 7, 8
     mask = torch.rand(B, H, T_q, T_k, generator=g) > 0.4
     mask[..., 0] = True  # every query may attend somewhere
@@ -112,7 +101,7 @@ def causal_collect(inputs: dict, causal_mask) -> dict:
 
 
 def causal_verify(inputs: dict, out: dict) -> str:
-    g = _generator(0)
+    g = seeded_generator(0)
     for T in inputs["sizes"]:
         mask = out[f"mask{T}"]
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (T, T):
@@ -141,7 +130,7 @@ def causal_verify(inputs: dict, out: dict) -> str:
 
 # ---------------------------------------------------------------- multi-head attention
 def mha_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     d_model, n_heads = 16, 4
     return {"d_model": d_model, "n_heads": n_heads, "weights": _mha_weights("", d_model, g),
             "x": torch.randn(2, 5, d_model, generator=g), "context": torch.randn(2, 7, d_model, generator=g),
@@ -173,15 +162,15 @@ def mha_verify(inputs: dict, out: dict) -> str:
 
 # ---------------------------------------------------------------- feed-forward and decoder block
 def block_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     d_model, n_heads, d_ff = 16, 4, 40
-    ffn = _linear_weights("fc1", d_model, d_ff, g) | _linear_weights("fc2", d_ff, d_model, g)
+    ffn = linear_weights("fc1", d_model, d_ff, g) | linear_weights("fc2", d_ff, d_model, g)
     block = {}
     for ln in ("ln1", "ln2"):
         block[f"{ln}.weight"] = 1 + 0.1 * torch.randn(d_model, generator=g)
         block[f"{ln}.bias"] = 0.1 * torch.randn(d_model, generator=g)
     block |= _mha_weights("attn.", d_model, g)
-    block |= _linear_weights("ffn.fc1", d_model, d_ff, g) | _linear_weights("ffn.fc2", d_ff, d_model, g)
+    block |= linear_weights("ffn.fc1", d_model, d_ff, g) | linear_weights("ffn.fc2", d_ff, d_model, g)
     return {"d_model": d_model, "n_heads": n_heads, "d_ff": d_ff, "ffn": ffn, "block": block,
             "x": torch.randn(2, 6, d_model, generator=g)}
 
@@ -226,7 +215,7 @@ GPT_CONFIG = {"vocab_size": 50, "d_model": 32, "n_heads": 4, "n_layers": 2, "max
 
 
 def gpt_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     idx = torch.randint(GPT_CONFIG["vocab_size"], (3, 12), generator=g)
     return {"config": dict(GPT_CONFIG), "seed": seed, "idx": idx,
             "targets": torch.randint(GPT_CONFIG["vocab_size"], (3, 12), generator=g),
@@ -304,7 +293,7 @@ def param_count_verify(inputs: dict, out: dict) -> str:
 
 
 def init_loss_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     config = {"vocab_size": 65, "d_model": 64, "n_heads": 4, "n_layers": 2, "max_len": 32}
     return {"config": config, "seed": seed, "idx": torch.randint(65, (8, 32), generator=g),
             "targets": torch.randint(65, (8, 32), generator=g)}
@@ -344,7 +333,7 @@ class FixedLogits(nn.Module):
 
 
 def generate_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     return {"config": dict(GPT_CONFIG), "seed": seed, "prompt": torch.randint(50, (2, 3), generator=g),
             "fixed": torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5]), "n_samples": 4000}
 

@@ -22,24 +22,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from labkit.checks import Check, assert_close, load_weights
-
-
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _linear_weights(prefix: str, d_in: int, d_out: int, g: torch.Generator, bias: bool = True) -> dict:
-    weights = {f"{prefix}.weight": torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in)}
-    if bias:
-        weights[f"{prefix}.bias"] = 0.1 * torch.randn(d_out, generator=g)
-    return weights
+from labkit.checks import Check, assert_close, linear_weights, load_weights, seeded_generator
 
 
 def _swiglu_weights(prefix: str, d_model: int, d_ff: int, g: torch.Generator) -> dict:
-    return (_linear_weights(f"{prefix}gate_proj", d_model, d_ff, g, bias=False)
-            | _linear_weights(f"{prefix}up_proj", d_model, d_ff, g, bias=False)
-            | _linear_weights(f"{prefix}down_proj", d_ff, d_model, g, bias=False))
+    return (linear_weights(f"{prefix}gate_proj", d_model, d_ff, g, bias=False)
+            | linear_weights(f"{prefix}up_proj", d_model, d_ff, g, bias=False)
+            | linear_weights(f"{prefix}down_proj", d_ff, d_model, g, bias=False))
 
 
 def _llama_config(**sizes):
@@ -87,11 +76,11 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, 
 
 
 def feedforward_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     d_model, d_ff = 16, 40
     eye = torch.eye(12)
     return {"d_model": d_model, "d_ff": d_ff,
-            "weights": _linear_weights("fc1", d_model, d_ff, g) | _linear_weights("fc2", d_ff, d_model, g),
+            "weights": linear_weights("fc1", d_model, d_ff, g) | linear_weights("fc2", d_ff, d_model, g),
             "x": 2 * torch.randn(2, 5, d_model, generator=g),
             # fc1 = fc2 = identity: the output is the activation itself, on a grid of inputs
             "identity": {"fc1.weight": eye, "fc1.bias": torch.zeros(12), "fc2.weight": eye, "fc2.bias": torch.zeros(12)},
@@ -139,7 +128,7 @@ def feedforward_verify(inputs: dict, out: dict) -> str:
 
 # ---------------------------------------------------------------- SwiGLU
 def swiglu_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     d_model, d_ff = 16, 40
     return {"d_model": d_model, "d_ff": d_ff, "weights": _swiglu_weights("", d_model, d_ff, g),
             "x": 2 * torch.randn(2, 5, d_model, generator=g)}
@@ -229,7 +218,7 @@ def hidden_dim_verify(inputs: dict, out: dict) -> str:
 
 # ---------------------------------------------------------------- LayerNorm and RMSNorm
 def _norm_inputs(seed: int, bias: bool) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     d = 48
     weights = {"weight": 1 + 0.1 * torch.randn(d, generator=g)}
     if bias:
@@ -372,7 +361,7 @@ def rmsnorm_verify(inputs: dict, out: dict) -> str:
 
 
 def invariance_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     d = 32
     return {"d": d, "x": torch.randn(4, 6, d, generator=g) + torch.randn(4, 6, 1, generator=g),
             "scale": 0.5 + 3.5 * torch.rand(4, 6, 1, generator=g),   # a positive number per token
@@ -434,16 +423,16 @@ def _block_weights(d_model: int, norm_type: str, ffn: str, d_ff: int, g: torch.G
         if norm_type == "layer":
             w[f"{name}.bias"] = 0.1 * torch.randn(d_model, generator=g)
     for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        w |= _linear_weights(f"attn.{name}", d_model, d_model, g, bias=False)
+        w |= linear_weights(f"attn.{name}", d_model, d_model, g, bias=False)
     if ffn == "swiglu":
         w |= _swiglu_weights("ffn.", d_model, d_ff, g)
     else:
-        w |= _linear_weights("ffn.fc1", d_model, d_ff, g) | _linear_weights("ffn.fc2", d_ff, d_model, g)
+        w |= linear_weights("ffn.fc1", d_model, d_ff, g) | linear_weights("ffn.fc2", d_ff, d_model, g)
     return w
 
 
 def block_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     d_model, n_heads = 16, 4
     cases = []
     for norm, norm_type, ffn, d_ff in BLOCK_CASES:

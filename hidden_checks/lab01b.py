@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from labkit.checks import Check, assert_close
-from labkit.checks.lab01b import (ENCDEC_CONFIG, ReferenceSeq2Seq, _generator, _padded_batch, encdec_weights, hf,
+from labkit.checks import Check, assert_close, seeded_generator
+from labkit.checks.lab01b import (ENCDEC_CONFIG, ReferenceSeq2Seq, _padded_batch, encdec_weights, hf,
                                   hf_bert_config, reference_tokenizer, t5_bucket, verify_mlm_run)
 from labkit.data import minilm_files
 from labkit.grade import HiddenCheck
@@ -18,7 +18,7 @@ BERT_SMALL = {"vocab_size": 120, "d_model": 48, "n_heads": 3, "n_layers": 3, "d_
 
 def bert_small_inputs(seed: int) -> dict:
     """A random Hugging Face BertModel of another shape (3 heads, 3 layers, 3 token types), as a state dict."""
-    g = _generator(seed)
+    g = seeded_generator(seed)
     torch.manual_seed(seed)
     model = hf().BertModel(hf_bert_config(BERT_SMALL))
     state = {}
@@ -92,7 +92,7 @@ def wordpiece_edge_verify(inputs: dict, out: dict) -> str:
 
 # ---------------------------------------------------------------- masking: another rate, many special tokens
 def mlm_edge_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     tokens = torch.randint(10, 60, (64, 200), generator=g)
     tokens[torch.rand(tokens.shape, generator=g) < 0.4] = 7  # many special tokens
     return {"tokens": tokens, "vocab_size": 60, "mask_id": 8, "special_ids": [7, 9], "seed": 10_000 + seed}
@@ -112,7 +112,7 @@ def mlm_edge_verify(inputs: dict, out: dict) -> str:
 
 # ---------------------------------------------------------------- teacher forcing with another padding id
 def tf_pad_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     config = dict(ENCDEC_CONFIG)
     src = torch.randint(4, config["vocab_size"], (2, 5), generator=g)
     tgt = torch.randint(4, config["vocab_size"], (2, 7), generator=g)
@@ -144,7 +144,7 @@ GREEDY_SMALL = {"vocab_size": 11, "d_model": 8, "n_heads": 1, "n_layers": 1, "ma
 
 
 def greedy_small_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     src = torch.randint(3, 11, (3, 4), generator=g)
     src_mask = torch.ones(3, 4, dtype=torch.bool)
     src_mask[2, 1:] = False  # a source of a single token
@@ -183,7 +183,7 @@ def greedy_small_verify(inputs: dict, out: dict) -> str:
 
 # ---------------------------------------------------------------- relative position buckets: other settings
 def relpos_edge_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     return {"far": torch.randint(-5000, 5001, (40,), generator=g, dtype=torch.int32),
             "cases": [(True, 10, 20), (False, 16, 50), (True, 64, 256), (False, 2, 8)]}
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from labkit.checks import Check, assert_close
-from labkit.checks.lab02 import _generator, _linear, _mla_weights
+from labkit.checks import Check, assert_close, seeded_generator
+from labkit.checks.lab02 import _linear, _mla_weights
 from labkit.grade import HiddenCheck
 
 
@@ -19,7 +19,7 @@ def _additive_causal(T: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- repeat_kv vs Hugging Face's
 def repeat_kv_hf_inputs(seed: int) -> dict:
-    return {"x": torch.randn(2, 3, 4, 5, generator=_generator(seed)), "n_reps": [1, 3, 8]}
+    return {"x": torch.randn(2, 3, 4, 5, generator=seeded_generator(seed)), "n_reps": [1, 3, 8]}
 
 
 def repeat_kv_hf_collect(inputs, repeat_kv):
@@ -42,7 +42,7 @@ GQA_HF_CASES = {"h6kv3": (6, 3), "h6kv1": (6, 1)}
 
 
 def gqa_llama_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     d_model = 48
     weights = {}
     for name, (h, kv) in GQA_HF_CASES.items():
@@ -90,7 +90,7 @@ MLA_HF_CONFIG = {"d_model": 24, "n_heads": 3, "q_lora_rank": 16, "kv_lora_rank":
 
 
 def mla_deepseek_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     return {"config": dict(MLA_HF_CONFIG), "weights": _mla_weights(MLA_HF_CONFIG, g),
             "x": torch.randn(1, 6, MLA_HF_CONFIG["d_model"], generator=g)}
 
@@ -147,7 +147,7 @@ def mla_deepseek_verify(inputs: dict, out: dict) -> str:
 
 # ---------------------------------------------------------------- flash_attention edge cases
 def flash_edge_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     return {"one": torch.randn(3, 2, 1, 8, generator=g), "q37": torch.randn(1, 2, 37, 8, generator=g),
             "k100": torch.randn(1, 2, 100, 8, generator=g), "v100": torch.randn(1, 2, 100, 5, generator=g),
             "small": torch.randn(3, 20, 8, generator=g), "tiny": torch.randn(3, 2, 9, 4, generator=g)}
@@ -179,7 +179,7 @@ def flash_edge_verify(inputs: dict, out: dict) -> str:
 
 # ---------------------------------------------------------------- KV cache edge cases
 def kv_cache_edge_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     return {"k": torch.randn(1, 2, 6, 3, generator=g), "v": torch.randn(1, 2, 6, 3, generator=g)}
 
 
@@ -205,7 +205,7 @@ def kv_cache_edge_verify(inputs: dict, out: dict) -> str:
 # ---------------------------------------------------------------- generation edge cases
 def generate_edge_inputs(seed: int) -> dict:
     config = {"vocab_size": 30, "d_model": 24, "n_heads": 6, "n_kv_heads": 3, "n_layers": 2, "max_len": 16}
-    return {"config": config, "seed": seed, "prompt": torch.randint(30, (3, 4), generator=_generator(seed))}
+    return {"config": config, "seed": seed, "prompt": torch.randint(30, (3, 4), generator=seeded_generator(seed))}
 
 
 def generate_edge_collect(inputs, Decoder, generate):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from labkit.checks import Check, assert_close
-from labkit.checks.lab03 import (_attention_weights, _causal_part, _generator, _tensor, alibi_reference, hf_apply_rope,
+from labkit.checks import Check, assert_close, seeded_generator
+from labkit.checks.lab03 import (_attention_weights, _causal_part, _tensor, alibi_reference, hf_apply_rope,
                                  hf_cos_sin, hf_llama_attention, paper_alibi_slopes, sinusoid_table)
 from labkit.grade import HiddenCheck
 
@@ -26,7 +26,7 @@ def sinusoidal_edge_verify(inputs: dict, out: dict) -> str:
 
 
 def rope_edge_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     return {"positions": torch.tensor([0, 5, 255, 257, 2049, 8191]), "x2": torch.randn(6, 64, generator=g),
             "x5": torch.randn(2, 1, 3, 6, 2, generator=g)}
 
@@ -82,7 +82,7 @@ def alibi_edge_verify(inputs: dict, out: dict) -> str:
 
 
 def attention_edge_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     return {"w16": _attention_weights(16, g), "w24": _attention_weights(24, g), "x1": torch.randn(2, 1, 16, generator=g),
             "x16": torch.randn(1, 9, 16, generator=g), "x24": torch.randn(2, 5, 24, generator=g)}
 

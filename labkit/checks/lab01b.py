@@ -23,14 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from labkit.checks import Check, assert_close, load_weights
+from labkit.checks import Check, assert_close, load_weights, seeded_generator
 from labkit.data import minilm_files
 
 TOL = 1e-5  # the tolerance for the pretrained encoder (measured: a few 1e-6)
-
-
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 _HF_LOCK = threading.RLock()  # the grader verifies submissions in threads; lazy imports are not thread-safe
@@ -112,7 +108,7 @@ def _bert_hint(inputs: dict, hidden: torch.Tensor, want: torch.Tensor, real: tor
 
 # ---------------------------------------------------------------- padding bias
 def padding_bias_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     B, H, T, d = 3, 2, 6, 8
     mask = torch.ones(B, T, dtype=torch.long)
     mask[1, 4:] = 0
@@ -154,7 +150,7 @@ def padding_bias_verify(inputs: dict, out: dict) -> str:
 # ---------------------------------------------------------------- the pretrained encoder
 def bert_inputs(seed: int) -> dict:
     config = minilm_config()
-    g = _generator(seed)
+    g = seeded_generator(seed)
     ids, mask = _padded_batch(g, [14, 9, 5], config["vocab_size"])
     types = torch.zeros_like(ids)
     types[0, 7:14] = 1  # a second segment, as in sentence-pair tasks
@@ -221,7 +217,7 @@ def bert_verify(inputs: dict, out: dict) -> str:
 # ---------------------------------------------------------------- padding invariance
 def padding_inputs(seed: int) -> dict:
     config = minilm_config()
-    g = _generator(seed)
+    g = seeded_generator(seed)
     ids, mask = _padded_batch(g, [7, 16], config["vocab_size"])
     return {"config": config, "ids": ids, "mask": mask, "extra": 5}
 
@@ -274,7 +270,7 @@ TEXTS = [
 def wordpiece_inputs(seed: int) -> dict:
     vocab = minilm_files()["vocab"].read_text(encoding="utf-8").splitlines()
     words = [w for w in vocab if w.isalpha() and w.isascii() and len(w) > 2]
-    g = _generator(seed)
+    g = seeded_generator(seed)
     # Words glued from two or three vocabulary words force splits into several pieces.
     glued = ["".join(words[i] for i in torch.randint(len(words), (int(n),), generator=g).tolist())
              for n in torch.randint(2, 4, (6,), generator=g)]
@@ -314,7 +310,7 @@ MLM = {"vocab_size": 1000, "mask_id": 4, "special_ids": [0, 1, 2, 3]}  # [PAD] 0
 
 
 def mlm_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     B, T = 96, 256
     tokens = torch.randint(5, MLM["vocab_size"], (B, T), generator=g)
     tokens[:, 0] = 1
@@ -330,7 +326,7 @@ def mlm_collect(inputs: dict, mlm_mask) -> dict:
     args = (inputs["tokens"], inputs["vocab_size"], inputs["mask_id"], inputs["special_ids"])
     out = {}
     for name, p, seed in (("a", 0.15, inputs["seed"]), ("b", 0.15, inputs["seed"] + 1), ("c", 0.4, inputs["seed"] + 2)):
-        out[f"{name}_inputs"], out[f"{name}_labels"] = mlm_mask(*args, p=p, generator=_generator(seed))
+        out[f"{name}_inputs"], out[f"{name}_labels"] = mlm_mask(*args, p=p, generator=seeded_generator(seed))
     return out
 
 
@@ -465,7 +461,7 @@ class ReferenceSeq2Seq(nn.Module):
 
 
 def encdec_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     config = dict(ENCDEC_CONFIG)
     src = torch.randint(3, config["vocab_size"], (3, 7), generator=g)
     src_mask = torch.ones(3, 7, dtype=torch.bool)
@@ -512,7 +508,7 @@ def encdec_verify(inputs: dict, out: dict) -> str:
 # ---------------------------------------------------------------- teacher forcing
 def teacher_forcing_inputs(seed: int) -> dict:
     inputs = encdec_inputs(seed)
-    g = _generator(seed + 1)
+    g = seeded_generator(seed + 1)
     tgt = torch.randint(3, ENCDEC_CONFIG["vocab_size"], (3, 8), generator=g)
     tgt[:, 0] = 1  # BOS
     for b, n in enumerate((8, 6, 4)):
@@ -618,7 +614,7 @@ RELPOS_CASES = [(True, 32, 128), (False, 32, 128), (True, 16, 64), (False, 8, 20
 
 
 def relpos_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     query, key = torch.randint(0, 400, (7,), generator=g), torch.randint(0, 400, (9,), generator=g)
     return {"distances": torch.arange(-300, 301), "matrix": key[None, :] - query[:, None], "cases": RELPOS_CASES}
 

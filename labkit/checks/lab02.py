@@ -16,11 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from labkit.checks import Check, assert_close, load_weights
-
-
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from labkit.checks import Check, assert_close, load_weights, seeded_generator
 
 
 def _linear(prefix: str, d_in: int, d_out: int, g: torch.Generator, bias: bool = False) -> dict:
@@ -63,7 +59,7 @@ class ConcatCache:
 
 # ---------------------------------------------------------------- repeat_kv
 def repeat_kv_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     return {"x": torch.randn(2, 3, 5, 4, generator=g), "n_reps": [1, 2, 4]}
 
 
@@ -99,7 +95,7 @@ def _gqa_weights(d_model: int, n_heads: int, n_kv_heads: int, bias: bool, g: tor
 
 
 def gqa_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     d_model = 32
     return {"d_model": d_model, "cases": dict(GQA_CASES),
             "weights": {name: _gqa_weights(d_model, h, kv, b, g) for name, (h, kv, b) in GQA_CASES.items()},
@@ -169,7 +165,7 @@ def gqa_verify(inputs: dict, out: dict) -> str:
 
 # ---------------------------------------------------------------- KV cache
 def kv_cache_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     B, H, d, max_len = 2, 3, 4, 12
     chunks = [5, 1, 1, 3]
     return {"B": B, "H": H, "d": d, "max_len": max_len, "chunks": chunks,
@@ -241,7 +237,7 @@ DECODER_CONFIG = {"vocab_size": 40, "d_model": 32, "n_heads": 4, "n_kv_heads": 2
 
 
 def generate_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     return {"config": dict(DECODER_CONFIG), "seed": seed, "new": 12,
             "prompt": torch.randint(DECODER_CONFIG["vocab_size"], (2, 5), generator=g)}
 
@@ -323,7 +319,7 @@ def _mla_weights(c: dict, g: torch.Generator) -> dict:
 
 
 def mla_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     return {"config": dict(MLA_CONFIG), "weights": _mla_weights(MLA_CONFIG, g),
             "x": torch.randn(2, 7, MLA_CONFIG["d_model"], generator=g)}
 
@@ -503,7 +499,7 @@ def _tensors(x) -> list[torch.Tensor]:
 
 
 def flash_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     return {"qkv": torch.randn(3, 2, 3, 100, 16, generator=g), "qkv130": torch.randn(3, 1, 2, 130, 8, generator=g),
             "qkv256": torch.randn(3, 1, 2, 256, 8, generator=g), "big": 3000.0}
 

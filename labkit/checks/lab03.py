@@ -19,11 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from labkit.checks import Check, assert_close, load_weights
-
-
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from labkit.checks import Check, assert_close, load_weights, seeded_generator
 
 
 def _tensor(what: str, value, shape: tuple) -> torch.Tensor:
@@ -151,7 +147,7 @@ def _causal_part(T_q: int, T_k: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- 03.sinusoidal
 def sinusoidal_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     d = [8, 12, 16][int(torch.randint(3, (1,), generator=g))]
     return {"cases": [(50, 16, 10000.0), (40, d, 100.0)], "shift": 3 + int(torch.randint(5, (1,), generator=g)),
             "points": [(0, 0), (1, 0), (1, 1), (7, 4), (33, 9), (49, 15)]}
@@ -192,7 +188,7 @@ def sinusoidal_verify(inputs: dict, out: dict) -> str:
 
 # ---------------------------------------------------------------- 03.rope: the tables and apply_rope against HF Llama
 def rope_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     head_dim, T = [8, 16][int(torch.randint(2, (1,), generator=g))], 12
     positions = torch.cat([torch.tensor([0, 1, 7, 100, 1000, 4095]), torch.randint(4096, (T - 6,), generator=g)])
     base = [10000.0, 500000.0][int(torch.randint(2, (1,), generator=g))]
@@ -253,7 +249,7 @@ def rope_verify(inputs: dict, out: dict) -> str:
 
 # ---------------------------------------------------------------- 03.rope_properties
 def rope_properties_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     head_dim, T = 16, 10
     return {"head_dim": head_dim, "T": T, "base": 100.0, "shifts": [0, 1, 13, 250 + int(torch.randint(50, (1,), generator=g))],
             "q": torch.randn(head_dim, generator=g), "k": torch.randn(head_dim, generator=g),
@@ -305,7 +301,7 @@ def _attention_weights(d_model: int, g: torch.Generator) -> dict:
 
 
 def rope_attention_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     d_model, n_heads = 32, 4
     return {"d_model": d_model, "n_heads": n_heads, "base": [10000.0, 100.0][seed % 2],
             "weights": _attention_weights(d_model, g), "x": torch.randn(2, 10, d_model, generator=g)}
@@ -348,7 +344,7 @@ def rope_attention_verify(inputs: dict, out: dict) -> str:
 
 
 def alibi_attention_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     d_model, n_heads = 48, 12 if seed % 2 == 0 else 8
     return {"d_model": d_model, "n_heads": n_heads, "weights": _attention_weights(d_model, g),
             "x": 2 * torch.randn(2, 20, d_model, generator=g)}
@@ -439,7 +435,7 @@ def alibi_bias_verify(inputs: dict, out: dict) -> str:
 
 # ---------------------------------------------------------------- 03.rope_scaling
 def rope_scaling_inputs(seed: int) -> dict:
-    g = _generator(seed)
+    g = seeded_generator(seed)
     return {"head_dim": [8, 16][seed % 2], "base": 10000.0, "L": 16, "factors": [2.0, 4.0],
             "positions": torch.randint(64, (10,), generator=g)}
 

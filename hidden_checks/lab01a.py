@@ -4,9 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from labkit.checks import Check, assert_close, seeded_generator
-from labkit.checks.lab01a import GPT_CONFIG
-from labkit.grade import HiddenCheck
+from labkit.checks import attention_weights, compare, define_hidden, seeded_generator, table_inputs
+from labkit.checks.lab01a import ATTENTION_BUILTINS, GPT_CONFIG, mha
 
 
 def sdpa_shapes_inputs(seed: int) -> dict:
@@ -18,54 +17,27 @@ def sdpa_shapes_inputs(seed: int) -> dict:
 
 
 def sdpa_shapes_collect(inputs, scaled_dot_product_attention):
-    q, k, v = inputs["q"], inputs["k"], inputs["v"]
-    out, weights = scaled_dot_product_attention(q, k, v)
+    out, _ = scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"])
     out5, _ = scaled_dot_product_attention(inputs["q5"], inputs["k5"], inputs["k5"])
-    return {"out": out, "weights": weights, "out5": out5}
+    return {"out": out, "out5": out5}
 
 
-def sdpa_shapes_verify(inputs: dict, out: dict) -> str:
-    q, k, v = (inputs[n].double() for n in "qkv")
-    assert_close("sdpa with values narrower than keys (d_v = 3, d_k = 8), one query", out["out"],
-                 F.scaled_dot_product_attention(q, k, v), hint="scale by the keys' dimension, not the values'")
-    q5, k5 = inputs["q5"].double(), inputs["k5"].double()
-    assert_close("sdpa with five leading axes", out["out5"], F.scaled_dot_product_attention(q5, k5, k5))
-    return "✔ 01a.hidden.sdpa_shapes"
+@define_hidden("01a.hidden.sdpa_shapes", ("scaled_dot_product_attention",), sdpa_shapes_inputs, sdpa_shapes_collect,
+               forbid=ATTENTION_BUILTINS)
+def sdpa_shapes(inputs: dict, out: dict) -> None:
+    q, k, v, q5, k5 = (inputs[n].double() for n in ("q", "k", "v", "q5", "k5"))
+    compare("sdpa with values narrower than keys (d_v = 3, d_k = 8), one query", out["out"],
+            F.scaled_dot_product_attention(q, k, v), hint="scale by the keys' dimension, not the values'")
+    compare("sdpa with five leading axes", out["out5"], F.scaled_dot_product_attention(q5, k5, k5))
 
 
-def mha_edge_inputs(seed: int) -> dict:
-    g = seeded_generator(seed)
-    d_model = 12
-    weights = {}
-    for n_heads in (1, 12):
-        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            weights[f"h{n_heads}.{name}.weight"] = torch.randn(d_model, d_model, generator=g) / 4
-            weights[f"h{n_heads}.{name}.bias"] = 0.1 * torch.randn(d_model, generator=g)
-    return {"d_model": d_model, "weights": weights, "x": torch.randn(1, 1, d_model, generator=g),
-            "context": torch.randn(1, 9, d_model, generator=g)}
+def mha_edge_cases(g: torch.Generator) -> list[dict]:
+    x, context = torch.randn(1, 1, 12, generator=g), torch.randn(1, 9, 12, generator=g)
+    return [{"what": f"cross-attention with {h} head(s), one query and nine keys", "init": [12, h],
+             "weights": attention_weights("", 12, g), "args": [x], "kwargs": {"context": context}} for h in (1, 12)]
 
 
-def mha_edge_collect(inputs, MultiHeadAttention):
-    out = {}
-    for n_heads in (1, 12):
-        mha = MultiHeadAttention(inputs["d_model"], n_heads)
-        prefix = f"h{n_heads}."
-        mha.load_state_dict({k[len(prefix):]: v for k, v in inputs["weights"].items() if k.startswith(prefix)})
-        with torch.no_grad():
-            out[f"h{n_heads}"] = mha(inputs["x"], context=inputs["context"])
-    return out
-
-
-def mha_edge_verify(inputs: dict, out: dict) -> str:
-    from labkit.checks.lab01a import _reference_mha
-
-    x, context = inputs["x"].double(), inputs["context"].double()
-    for n_heads in (1, 12):
-        ref = _reference_mha(inputs["weights"], f"h{n_heads}.", inputs["d_model"], n_heads)
-        with torch.no_grad():
-            want = ref(x, context, context, need_weights=False)[0]
-        assert_close(f"cross-attention with {n_heads} head(s), one query and nine keys", out[f"h{n_heads}"], want)
-    return "✔ 01a.hidden.mha_edge"
+mha_edge = mha.variant("01a.hidden.mha_edge", table_inputs(mha_edge_cases), ("MultiHeadAttention",))
 
 
 def generate_edge_inputs(seed: int) -> dict:
@@ -76,13 +48,12 @@ def generate_edge_collect(inputs, GPT, generate):
     torch.manual_seed(inputs["seed"])
     model = GPT(**inputs["config"]).eval()
     with torch.no_grad():
-        full = model(inputs["prompt"])  # a prompt of exactly max_len tokens
-        none = generate(model, inputs["prompt"], 0)
-        one = generate(model, inputs["prompt"], 1, top_k=1)
-    return {"full": full, "none": none, "one": one}
+        return {"full": model(inputs["prompt"]),  # a prompt of exactly max_len tokens
+                "none": generate(model, inputs["prompt"], 0), "one": generate(model, inputs["prompt"], 1, top_k=1)}
 
 
-def generate_edge_verify(inputs: dict, out: dict) -> str:
+@define_hidden("01a.hidden.generate_edge", ("GPT", "generate"), generate_edge_inputs, generate_edge_collect)
+def generate_edge(inputs: dict, out: dict) -> None:
     prompt = inputs["prompt"]
     if tuple(getattr(out["full"], "shape", ())) != (1, 16, GPT_CONFIG["vocab_size"]):
         raise AssertionError("GPT on a sequence of exactly max_len tokens must give (1, max_len, vocab_size) logits")
@@ -90,14 +61,3 @@ def generate_edge_verify(inputs: dict, out: dict) -> str:
         raise AssertionError("generate(model, idx, 0) must return idx unchanged")
     if not torch.equal(out["one"][:, -1], out["full"][:, -1].argmax(-1)):
         raise AssertionError("greedy generation from a prompt of max_len tokens picked a token that is not the argmax")
-    return "✔ 01a.hidden.generate_edge"
-
-
-HIDDEN = [
-    HiddenCheck(Check("01a.hidden.sdpa_shapes", sdpa_shapes_inputs, sdpa_shapes_collect, sdpa_shapes_verify),
-                ("scaled_dot_product_attention",), 1),
-    HiddenCheck(Check("01a.hidden.mha_edge", mha_edge_inputs, mha_edge_collect, mha_edge_verify),
-                ("MultiHeadAttention",), 1),
-    HiddenCheck(Check("01a.hidden.generate_edge", generate_edge_inputs, generate_edge_collect, generate_edge_verify),
-                ("GPT", "generate"), 1),
-]

@@ -8,16 +8,17 @@ For each submission the grader
 2. rebuilds it onto the pristine lab: the student's cells are kept in order, every check cell
    is restored from the lab (edited or deleted ones too), hidden checks are appended, and the
    kernel spec is forced;
-3. writes the inputs of every check, drawn with the grader's seed, and runs the notebook with
-   ``pytest --nbval-lax`` in a fresh temporary folder, in a sandbox (see :func:`sandbox_prefix`)
-   with a per-cell timeout, a wall-clock limit, and memory, CPU-time and file-size limits;
+3. writes the inputs of every check, drawn with the run's seed (a fresh random one unless
+   ``--seed`` is given), and runs the notebook with ``pytest --nbval-lax`` in a fresh temporary
+   folder, in the sandbox of :mod:`labkit.sandbox` (per-cell timeout, wall-clock limit, memory,
+   CPU-time and file-size limits, no network, private paths hidden);
 4. scores each check in this process: the kernel only saved the student's outputs on the
-   inputs; :func:`labkit.checks` ``verify`` compares them with the reference here, where
-   nothing the notebook monkeypatched can reach.
+   inputs; the check's ``verify`` compares them with the reference here, against the inputs the
+   grader kept, where nothing the notebook monkeypatched can reach.
 
 It writes ``<out>/<submission>/results.json`` (Gradescope's format, with each check's id,
-points and message), ``<out>/scores.csv`` (one row per submission, one column per check)
-and prints ``N passed, M failed`` over all checks graded.
+points and message, and the seed), ``<out>/scores.csv`` (one row per submission, one column per
+check, and the seed) and prints ``N passed, M failed`` over all checks graded.
 """
 from __future__ import annotations
 
@@ -25,17 +26,14 @@ import argparse
 import concurrent.futures
 import copy
 import csv
-import importlib.util
+import inspect
 import json
 import os
 import re
-import shlex
-import shutil
-import signal
-import subprocess
+import secrets
 import sys
 import tempfile
-import threading
+import textwrap
 import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import asdict, dataclass, field
@@ -44,7 +42,11 @@ from pathlib import Path
 import nbformat
 import torch
 
-from labkit.checks import Check, checks_of_lab
+from labkit import sandbox
+from labkit.checks import GRADING_ENV, Check, HiddenCheck, checks_of_lab, hidden_checks
+from labkit.checks import kernel
+from labkit.checks.references import IMPORT_LOCK
+from labkit.sandbox import Limits
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECK_CALL = re.compile(r"labkit\.check\(\s*[\"'](?P<id>[\w.]+)[\"']")
@@ -57,14 +59,6 @@ import os
 def pytest_collection_finish(session):
     os.remove("submission.ipynb")
 '''
-
-
-@dataclass
-class Limits:
-    cell_timeout: int = 120       # seconds per cell (nbval)
-    timeout: int = 600            # wall-clock seconds per submission
-    memory_gb: float = 8.0        # address space per process
-    max_steps: int = 20           # LABKIT_MAX_STEPS: training loops are capped while grading
 
 
 @dataclass
@@ -83,52 +77,54 @@ class Submission:
     checks: list[CheckResult] = field(default_factory=list)
     seconds: float = 0.0
     sandbox: str = ""
+    seed: int | None = None
 
     @property
     def score(self) -> float:
         return sum(c.points for c in self.checks if c.passed)
 
 
-# ---------------------------------------------------------------- the pristine lab and hidden checks
+# ---------------------------------------------------------------- the pristine lab and its checks
 def lab_notebook(lab: str, labs_dir: Path = ROOT / "labs") -> nbformat.NotebookNode:
     """The pristine lab whose metadata names ``lab``."""
     for path in sorted(labs_dir.glob("*.ipynb")):
         notebook = nbformat.read(path, as_version=4)
         if notebook.metadata.get("labkit", {}).get("lab") == lab:
             return notebook
-    raise SystemExit(f"no lab {lab!r} in {labs_dir}")
+    raise LookupError(f"no lab {lab!r} in {labs_dir} (no notebook whose metadata labkit.lab is {lab!r})")
 
 
-@dataclass
-class HiddenCheck:
-    """A check the students never see. Its ``collect`` is sent to the kernel as source code,
-    so it must be self-contained (it may use ``torch`` and the names in ``args``)."""
-    check: Check
-    args: tuple[str, ...]
-    points: float
-
-
-def hidden_checks(lab: str, hidden_dir: Path | None) -> list[HiddenCheck]:
-    """The hidden checks of ``lab`` from ``<hidden_dir>/lab<lab>.py`` (none if there is no such file)."""
-    path = (hidden_dir or ROOT / "hidden_checks") / f"lab{lab}.py"
-    if not path.exists():
-        return []
-    spec = importlib.util.spec_from_file_location(f"hidden_checks_lab{lab}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return list(module.HIDDEN)
+KERNEL_HELPERS = ", ".join(kernel.__all__)  # what a hidden check's collect may use, besides torch
 
 
 def hidden_cell(hidden: HiddenCheck) -> nbformat.NotebookNode:
-    import inspect
-    import textwrap
-
-    source = textwrap.dedent(inspect.getsource(hidden.check.collect))
-    name = hidden.check.collect.__name__
-    call = f"labkit.checks.record_with({hidden.check.id!r}, {name}, {', '.join(hidden.args)})"
-    cell = nbformat.v4.new_code_cell(f"# Hidden check, added by the grader\nimport torch\n\n{source}\n{call}")
-    cell.metadata["check"] = {"id": hidden.check.id, "points": hidden.points, "hidden": True}
+    """The cell that runs a hidden check's ``collect`` (sent as source) on the student's objects."""
+    own = hidden.collect.__module__ != kernel.__name__  # a case table's collect is already in the kernel
+    source = textwrap.dedent(inspect.getsource(hidden.collect)) if own else ""
+    call = (f"labkit.checks.record({hidden.id!r}, {hidden.collect.__name__}, {', '.join(hidden.args)}, "
+            f"forbid={hidden.forbid!r})")
+    cell = nbformat.v4.new_code_cell(f"# Hidden check, added by the grader\nimport torch\n"
+                                     f"from labkit.checks.kernel import {KERNEL_HELPERS}\n\n{source}\n{call}")
+    cell.metadata["check"] = {"id": hidden.id, "points": hidden.points, "hidden": True}
     return cell
+
+
+@dataclass
+class Plan:
+    """What grading a lab involves: the pristine lab, its visible and hidden checks, and the check
+    cells of a rebuilt notebook as (id, points, hidden), in order."""
+    pristine: nbformat.NotebookNode
+    checks: dict[str, Check]
+    hidden: list[HiddenCheck]
+    cells: list[tuple[str, float, bool]]
+
+
+def grading_plan(lab: str, labs_dir: Path = ROOT / "labs", hidden_dir: Path | None = None) -> Plan:
+    """The one listing of a lab's checks, for ``grade`` and ``autograder`` alike."""
+    pristine = lab_notebook(lab, labs_dir)
+    hidden = hidden_checks(lab, hidden_dir)
+    cells = graded_checks(rebuild(pristine, pristine, [hidden_cell(h) for h in hidden]))
+    return Plan(pristine, checks_of_lab(lab) | {h.id: h for h in hidden}, hidden, cells)
 
 
 # ---------------------------------------------------------------- validation and rebuild
@@ -211,111 +207,17 @@ def graded_checks(notebook: nbformat.NotebookNode) -> list[tuple[str, float, boo
 
 
 # ---------------------------------------------------------------- running, sandboxed
-# Where people and programs keep files: everything under these is hidden from a graded run,
-# except the paths the run needs (see private_paths).
-SCAN_ROOTS = ("/tmp", "/var/tmp", "/dev/shm", "/root", "/home", "/srv", "/mnt", "/media", "/autograder")
-
-
-def private_paths(keep: list[Path], extra: list[Path]) -> list[Path]:
-    """The folders and files to hide from a graded run: all of :data:`SCAN_ROOTS`, the
-    repository's folder and ``extra`` (the hidden checks, the submissions, the reports), except
-    the paths in ``keep`` (the grading folder, Python, labkit) and the folders leading to them."""
-    keep = [k.resolve() for k in keep]
-    hidden: list[Path] = []
-
-    def visit(path: Path) -> None:
-        if any(k == path for k in keep) or path.is_symlink():
-            return
-        if any(k.is_relative_to(path) for k in keep):
-            try:
-                children = sorted(path.iterdir())
-            except OSError:
-                return
-            for child in children:
-                visit(child)
-        elif path.is_dir() or path.is_file():
-            hidden.append(path)
-
-    roots = [Path(r) for r in SCAN_ROOTS] + [ROOT.parent, Path.home()] + extra
-    for root in sorted({r.resolve() for r in roots if r.exists()}):
-        visit(root)
-    # A path inside another hidden folder is gone already (and mounting over it would fail).
-    unique = sorted(set(hidden))
-    return [p for p in unique if not any(p != q and p.is_relative_to(q) for q in unique)]
-
-
-def sandbox_prefix(hidden: list[Path]) -> tuple[list[str], str]:
-    """The command prefix that isolates a run, and its description.
-
-    With ``unshare`` (util-linux): a new network namespace (no network; only its own loopback,
-    which the kernel needs to talk to nbval), a new PID namespace (when the run ends, or its
-    first process dies, every process it started is killed, even ones that detached), and a new
-    mount namespace where every ``hidden`` folder is covered by an empty tmpfs and every hidden
-    file by /dev/null. Without root, a user namespace (``-r``) grants the same where the kernel
-    allows it. If none of this is available, the run is not isolated, and the report says so.
-    """
-    unshare, ip = shutil.which("unshare"), shutil.which("ip")
-    # A path that vanished since it was listed (another run's temporary file) needs no hiding.
-    steps = [f"{ip} link set lo up"] + [
-        f"{{ mount {'-t tmpfs -o size=4k none' if p.is_dir() else '--bind /dev/null'} {shlex.quote(str(p))}"
-        f" 2>/dev/null || ! test -e {shlex.quote(str(p))}; }}" for p in hidden]
-    script = " && ".join(steps)
-    for extra in ([], ["-r"]):
-        if unshare and ip:
-            base = [unshare, *extra, "--net", "--pid", "--mount", "--fork", "--kill-child"]
-            probe = subprocess.run([*base, "sh", "-c", script], capture_output=True, timeout=30)
-            if probe.returncode == 0:
-                return [*base, "sh", "-c", script + ' && exec "$@"', "sandbox"], \
-                    f"unshare: no network, own PID namespace, {len(hidden)} private paths hidden"
-    return [], "none (unshare or ip unavailable): no network isolation; files readable"
-
-
-def grading_tmp() -> str | None:
-    """/dev/shm when it is writable (it is hidden from graded runs, all but their own folder)."""
-    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-
-
-def limits_prefix(limits: Limits) -> list[str]:
-    """``prlimit`` (util-linux) caps every process of the run: address space, CPU time, file size."""
-    prlimit = shutil.which("prlimit")
-    if not prlimit:
-        return []
-    memory = int(limits.memory_gb * 2**30)
-    return [prlimit, f"--as={memory}", f"--cpu={2 * limits.timeout}", f"--fsize={200 * 2**20}", "--core=0", "--"]
-
-
 def run_nbval(folder: Path, limits: Limits, masked: list[Path]) -> tuple[str, str]:
-    """Run ``pytest --nbval-lax`` on ``folder/submission.ipynb``; return its log tail and the sandbox used."""
-    prefix, sandbox = sandbox_prefix(masked)
-    command = [*limits_prefix(limits), *prefix, sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", "-q",
+    """Run ``pytest --nbval-lax`` on ``folder/submission.ipynb``, sandboxed; return its log tail and the sandbox used."""
+    command = [sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", "-q",
                f"--nbval-cell-timeout={limits.cell_timeout}", "--junitxml=junit.xml", "-o", "junit_logging=no",
                "submission.ipynb"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LABKIT_", "JUPYTER", "PYTEST"))}
-    env |= {"LABKIT_GRADING_DIR": str(folder), "LABKIT_MAX_STEPS": str(limits.max_steps),
+    env |= {GRADING_ENV: str(folder), "LABKIT_MAX_STEPS": str(limits.max_steps),
             "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1", "HOME": str(folder / "home"),
             "JUPYTER_RUNTIME_DIR": str(folder / "home" / "runtime")}
     (folder / "home").mkdir()
-    with open(folder / "log.txt", "wb") as log:
-        process = subprocess.Popen(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            process.wait(timeout=limits.timeout)
-            note = ""
-        except subprocess.TimeoutExpired:
-            note = f"\n[grader] wall-clock limit of {limits.timeout} s reached: run stopped"
-        finally:
-            _kill_group(process)
-    with open(folder / "log.txt", "rb") as log:
-        log.seek(max(0, (folder / "log.txt").stat().st_size - 20_000))
-        return log.read().decode(errors="replace") + note, sandbox
-
-
-def _kill_group(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    process.wait()
+    return sandbox.run(command, folder, env, limits, masked, folder / "log.txt")
 
 
 def cell_errors(folder: Path, notebook: nbformat.NotebookNode) -> dict[str, str]:
@@ -349,69 +251,60 @@ def _last_error_line(text: str, kind: str) -> str:
 
 
 # ---------------------------------------------------------------- scoring
-def write_inputs(folder: Path, checks: dict[str, Check], seed: int) -> None:
+def write_inputs(folder: Path, checks: dict[str, Check], seed: int) -> dict[str, dict]:
+    """Draw every check's inputs (seed + the check's rank by id), save them for the kernel, and return
+    them: the grader verifies against these, never against a copy the kernel could have touched."""
     (folder / "inputs").mkdir()
     (folder / "outputs").mkdir()
+    inputs = {}
     for offset, (check_id, spec) in enumerate(sorted(checks.items())):
-        torch.save(spec.make_inputs(seed + offset), folder / "inputs" / f"{check_id}.pt")
+        inputs[check_id] = spec.make_inputs(seed + offset)
+        torch.save(inputs[check_id], folder / "inputs" / f"{check_id}.pt")
+    return inputs
 
 
-# Batches grade submissions in threads; verification imports reference libraries lazily
-# (transformers' lazy modules are not thread-safe), and is quick, so it runs one at a time.
-VERIFY_LOCK = threading.Lock()
-
-
-def score_check(check_id: str, spec: Check, folder: Path, seed_offset: int, seed: int, error: str) -> tuple[bool, str]:
+def score_check(spec: Check, inputs: dict, folder: Path, error: str) -> tuple[bool, str]:
     """Verify the outputs the kernel saved for one check, in this process."""
-    outputs_path = folder / "outputs" / f"{check_id}.pt"
+    outputs_path = folder / "outputs" / f"{spec.id}.pt"
     if not outputs_path.exists():
         return False, error or "the check cell did not record outputs (it failed, or an earlier cell stopped the run)"
     try:
         outputs = torch.load(outputs_path, weights_only=True)
         if not isinstance(outputs, dict):
             raise AssertionError("the recorded outputs are not a dict")
-        with VERIFY_LOCK:
-            return True, spec.verify(spec.make_inputs(seed + seed_offset), outputs)
+        # Verification imports reference libraries lazily, and transformers' lazy modules are not
+        # thread-safe: the batch's threads verify one at a time (it is quick).
+        with IMPORT_LOCK:
+            return True, spec.verdict(inputs, outputs)
     except AssertionError as failure:
         return False, str(failure)[:1000]
     except Exception as error:  # a malformed or tampered outputs file, or outputs of the wrong kind
         return False, f"outputs could not be verified ({type(error).__name__}: {str(error)[:300]})"
 
 
-def grade_one(path: Path, lab: str, out_dir: Path, limits: Limits, hidden_dir: Path | None,
-              seed: int, labs_dir: Path = ROOT / "labs") -> Submission:
-    name = path.stem
-    result = Submission(name=name)
+def grade_one(path: Path, name: str, plan: Plan, out_dir: Path, limits: Limits, seed: int,
+              private: list[Path]) -> Submission:
+    """Grade one submission; write ``<out_dir>/<name>/results.json`` and the log of its run."""
+    result = Submission(name=name, seed=seed)
     start = time.perf_counter()
-    notebook, reason = read_submission(path, lab)
-    visible = checks_of_lab(lab)
-    hidden = hidden_checks(lab, hidden_dir)
-    pristine = lab_notebook(lab, labs_dir)
-    all_checks = visible | {h.check.id: h.check for h in hidden}
+    notebook, reason = read_submission(path, plan.pristine.metadata["labkit"]["lab"])
     if notebook is None:
         result.status = reason
-        result.checks = [CheckResult(i, p, False, f"not graded: {reason}", h)
-                         for i, p, h in graded_checks(rebuild(pristine, pristine, [hidden_cell(h) for h in hidden]))]
+        result.checks = [CheckResult(i, p, False, f"not graded: {reason}", h) for i, p, h in plan.cells]
     else:
-        rebuilt = rebuild(notebook, pristine, [hidden_cell(h) for h in hidden])
-        with tempfile.TemporaryDirectory(prefix="labkit-grade-", dir=grading_tmp()) as tmp:
+        rebuilt = rebuild(notebook, plan.pristine, [hidden_cell(h) for h in plan.hidden])
+        with tempfile.TemporaryDirectory(prefix="labkit-grade-", dir=sandbox.scratch_root()) as tmp:
             folder = Path(tmp)
             os.chmod(folder, 0o755)
             nbformat.write(rebuilt, folder / "submission.ipynb")
             (folder / "conftest.py").write_text(CONFTEST)
-            write_inputs(folder, all_checks, seed)
-            private = [ROOT / "hidden_checks", ROOT / "solutions", path.resolve().parent, out_dir.resolve()]
-            if hidden_dir:
-                private.append(hidden_dir.resolve())
+            inputs = write_inputs(folder, plan.checks, seed)
             import labkit
             keep = [folder, Path(sys.prefix), Path(sys.base_prefix), Path(labkit.__file__).parent]
-            masked = private_paths(keep, private)
-            log, result.sandbox = run_nbval(folder, limits, masked)
+            log, result.sandbox = run_nbval(folder, limits, sandbox.private_paths(keep, private))
             errors = cell_errors(folder, rebuilt)
-            order = {check_id: i for i, check_id in enumerate(sorted(all_checks))}
             for check_id, points, is_hidden in graded_checks(rebuilt):
-                passed, message = score_check(check_id, all_checks[check_id], folder, order[check_id], seed,
-                                              errors.get(check_id, ""))
+                passed, message = score_check(plan.checks[check_id], inputs[check_id], folder, errors.get(check_id, ""))
                 result.checks.append(CheckResult(check_id, points, passed, message, is_hidden))
             (out_dir / name).mkdir(parents=True, exist_ok=True)
             (out_dir / name / "log.txt").write_text(log)
@@ -422,7 +315,7 @@ def grade_one(path: Path, lab: str, out_dir: Path, limits: Limits, hidden_dir: P
 
 # ---------------------------------------------------------------- reports
 def write_results(result: Submission, path: Path) -> None:
-    """Gradescope's results.json, with each check's id and message."""
+    """Gradescope's results.json, with each check's id and message, and the seed of the run's inputs."""
     tests = [{"name": c.id, "score": c.points if c.passed else 0.0, "max_score": c.points,
               "output": ("" if c.passed else "FAILED: ") + c.message,
               "visibility": "after_published" if c.hidden else "visible",
@@ -433,19 +326,20 @@ def write_results(result: Submission, path: Path) -> None:
         "output": result.status if result.status != "graded" else f"sandbox: {result.sandbox}",
         "tests": tests,
         "labkit": {"submission": result.name, "status": result.status, "sandbox": result.sandbox,
-                   "checks": [asdict(c) for c in result.checks]},
+                   "seed": result.seed, "checks": [asdict(c) for c in result.checks]},
     }, indent=2))
 
 
 def write_scores(results: list[Submission], path: Path) -> None:
+    """One row per submission, one column per check, the total, the status and the seed (``--seed`` regrades)."""
     check_ids = list(dict.fromkeys(c.id for r in results for c in r.checks))
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["submission", *check_ids, "total", "max", "status"])
+        writer.writerow(["submission", *check_ids, "total", "max", "status", "seed"])
         for r in sorted(results, key=lambda r: r.name):
             by_id = {c.id: (c.points if c.passed else 0) for c in r.checks}
             writer.writerow([r.name, *(by_id.get(i, 0) for i in check_ids), r.score,
-                             sum(c.points for c in r.checks), r.status])
+                             sum(c.points for c in r.checks), r.status, r.seed])
 
 
 def find_submissions(paths: list[Path]) -> list[Path]:
@@ -462,25 +356,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("grading-out"), help="where the reports go")
     parser.add_argument("--hidden", type=Path, default=None, help="a private folder of hidden checks")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=2026, help="seed of the check inputs")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the check inputs (default: a fresh random one, recorded in the reports)")
     parser.add_argument("--cell-timeout", type=int, default=Limits.cell_timeout)
     parser.add_argument("--timeout", type=int, default=Limits.timeout, help="wall-clock seconds per submission")
     parser.add_argument("--memory-gb", type=float, default=Limits.memory_gb)
     parser.add_argument("--labs-dir", type=Path, default=ROOT / "labs")
     args = parser.parse_args(argv)
     limits = Limits(args.cell_timeout, args.timeout, args.memory_gb)
+    # The seed is secret by default: a submission cannot carry answers for inputs it cannot know.
+    seed = secrets.randbelow(2**31) if args.seed is None else args.seed
+    try:
+        plan = grading_plan(args.lab, args.labs_dir, args.hidden)
+    except (LookupError, OSError) as error:
+        print(f"labkit.grade: {error}", file=sys.stderr)
+        return 2
     paths = find_submissions(args.submissions)
+    private = [ROOT / "hidden_checks", ROOT / "solutions", *{p.resolve().parent for p in paths}, args.out.resolve()]
+    if args.hidden:
+        private.append(args.hidden.resolve())
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
-        futures = {pool.submit(grade_one, p, args.lab, args.out, limits, args.hidden, args.seed, args.labs_dir): p
-                   for p in paths}
+        futures = {pool.submit(grade_one, p, p.stem, plan, args.out, limits, seed, private): p for p in paths}
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
             path = futures[future]
             try:
                 result = future.result()
             except Exception as error:  # a grader bug must not stop the batch
-                result = Submission(name=path.stem, status=f"grader error: {type(error).__name__}: {error}")
+                result = Submission(name=path.stem, status=f"grader error: {type(error).__name__}: {error}", seed=seed)
                 write_results(result, args.out / path.stem / "results.json")
             results.append(result)
             total = sum(c.points for c in result.checks)
@@ -489,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     write_scores(results, args.out / "scores.csv")
     passed = sum(c.passed for r in results for c in r.checks)
     failed = sum(not c.passed for r in results for c in r.checks)
-    print(f"reports in {args.out}/ (results.json per submission, scores.csv)")
+    print(f"reports in {args.out}/ (results.json per submission, scores.csv); seed {seed}")
     print(f"{passed} passed, {failed} failed")
     return 0
 

@@ -52,6 +52,39 @@ def sdpa_naive_exp(ns):
     return sdpa
 
 
+def sdpa_calls_the_builtin(ns):
+    def sdpa(q, k, v, mask=None):  # BUG: PyTorch's fused attention instead of your own
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), scores.softmax(-1)
+    return sdpa
+
+
+def sdpa_hides_the_builtin(ns):
+    def sdpa(q, k, v, mask=None):  # BUG: catches the guard's error and falls back to its own code
+        try:
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        except Exception:
+            pass
+        return ns["scaled_dot_product_attention"](q, k, v, mask)
+    return sdpa
+
+
+def mha_wraps_nn_multihead(ns):
+    class MHA(ns["MultiHeadAttention"]):
+        def forward(self, x, context=None, mask=None):  # BUG: PyTorch's module with copied weights
+            context = x if context is None else context
+            m = nn.MultiheadAttention(x.shape[-1], self.n_heads, batch_first=True)
+            with torch.no_grad():
+                m.in_proj_weight.copy_(torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
+                m.in_proj_bias.copy_(torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
+                m.out_proj.weight.copy_(self.out_proj.weight)
+                m.out_proj.bias.copy_(self.out_proj.bias)
+            return m(x, context, context, attn_mask=None if mask is None else ~mask, need_weights=False)[0]
+    return MHA
+
+
 def causal_mask_future_leak(ns):
     return lambda T: torch.ones(T, T, dtype=torch.bool).tril(diagonal=1)  # BUG: sees one step ahead
 
@@ -170,13 +203,16 @@ def generate_top_k_off_by_one(ns):
 # check id -> [(factory, a regular expression the failure message must match)]
 BUGS = {
     "01a.sdpa": [(sdpa_no_scaling, r"NO 1/sqrt\(d\) scaling"),
-                 (sdpa_softmax_wrong_axis, r"rows sum to .* not 1"),
+                 (sdpa_softmax_wrong_axis, r"sum of each row.*softmax over the last axis"),
                  (sdpa_mask_inverted, r"boolean mask .*True in the mask means 'may attend'"),
-                 (sdpa_naive_exp, r"logits around 1e4.*non-finite")],
+                 (sdpa_naive_exp, r"logits around 1e4.*non-finite"),
+                 (sdpa_calls_the_builtin, r"your code calls F.scaled_dot_product_attention"),
+                 (sdpa_hides_the_builtin, r"your code calls F.scaled_dot_product_attention")],
     "01a.causal_mask": [(causal_mask_future_leak, r"lets position 0 see position 1"),
                         (causal_mask_inverted, r"lets position 0 see position 1"),
                         (causal_mask_strict, r"hides position 0 from position 0")],
-    "01a.mha": [(mha_heads_mixed, r"self-attention .*max \|difference\|"),
+    "01a.mha": [(mha_wraps_nn_multihead, r"your code calls nn.MultiheadAttention"),
+                (mha_heads_mixed, r"self-attention .*max \|difference\|"),
                 (mha_cross_keys_from_x, r"cross-attention")],
     "01a.block": [(ffn_relu, r"FeedForward .*GELU"),
                   (block_post_norm, r"DecoderBlock \(pre-norm")],

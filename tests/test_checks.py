@@ -1,20 +1,44 @@
 """Every lab's checks pass on its solution, on any seed the grader may draw, and fail with the
-right message on each planted bug of tests/buggy_lab<ID>.py (BUGS: check id -> [(factory, regex)])."""
+right message on each planted bug of tests/buggy_lab<ID>.py (BUGS: check id -> [(factory, regex)]).
+Every collect, visible or hidden, runs with nothing but torch and labkit.checks.kernel."""
 from __future__ import annotations
 
+import builtins
 import functools
 import importlib
 import re
+import types
 
 import nbformat
 import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import labkit
-from labkit.checks import LAB_MODULES, checks_of_lab
-from labkit.grade import hidden_checks
+from labkit.checks import checks_of_lab, hidden_checks, kernel, labs
 from notebook_code import ROOT, solution_namespace
 
 CALL = re.compile(r'labkit\.check\("(?P<id>[\w.]+)"(?P<args>[^)]*)\)')
+
+
+def _or_error(fn, *args):
+    """fn(*args), or the exception it raised: one broken lab module must not hide the others' results."""
+    try:
+        return fn(*args)
+    except Exception as error:
+        return error
+
+
+CHECKS = {lab: _or_error(checks_of_lab, lab) for lab in labs()}
+HIDDEN = {lab: _or_error(hidden_checks, lab, None) for lab in labs()}
+BUGS = {lab: _or_error(lambda lab: importlib.import_module(f"buggy_lab{lab}").BUGS, lab) for lab in labs()}
+LOADED = lambda table: {lab: found for lab, found in table.items() if not isinstance(found, Exception)}
+
+CASES = [(lab, check_id) for lab, checks in LOADED(CHECKS).items() for check_id in checks]
+BUG_CASES = [(lab, check_id, bug, message) for lab, bugs in LOADED(BUGS).items()
+             for check_id, planted in bugs.items() for bug, message in planted]
+HIDDEN_CASES = [(lab, hidden) for lab, found in LOADED(HIDDEN).items() for hidden in found]
 
 
 @functools.cache
@@ -36,13 +60,12 @@ def namespace(lab: str) -> dict:
     return solution_namespace(solution_path(lab).stem)
 
 
-def bugs(lab: str) -> dict:
-    return importlib.import_module(f"buggy_lab{lab}").BUGS
-
-
-CASES = [(lab, check_id) for lab in sorted(LAB_MODULES) for check_id in sorted(checks_of_lab(lab))]
-BUG_CASES = [(lab, check_id, bug, message) for lab in sorted(LAB_MODULES)
-             for check_id, planted in bugs(lab).items() for bug, message in planted]
+def kernel_only(collect):
+    """``collect`` with nothing in reach but builtins, torch and labkit.checks.kernel (as in the kernel)."""
+    if collect.__module__ == kernel.__name__:
+        return collect
+    allowed = {"__builtins__": builtins, "torch": torch, "nn": nn, "F": F} | {n: getattr(kernel, n) for n in kernel.__all__}
+    return types.FunctionType(collect.__code__, allowed, collect.__name__, collect.__defaults__, collect.__closure__)
 
 
 @pytest.fixture(autouse=True)
@@ -50,9 +73,16 @@ def not_grading(monkeypatch):
     monkeypatch.delenv("LABKIT_GRADING_DIR", raising=False)
 
 
-@pytest.mark.parametrize("lab", sorted(LAB_MODULES))
+@pytest.mark.parametrize("lab", labs())
+def test_lab_modules_load(lab):
+    for table in (CHECKS, HIDDEN, BUGS):
+        if isinstance(table[lab], Exception):
+            raise table[lab]
+
+
+@pytest.mark.parametrize("lab", sorted(LOADED(CHECKS).keys() & LOADED(BUGS).keys()))
 def test_every_check_has_a_cell_and_planted_bugs(lab):
-    assert set(check_args(lab)) == set(checks_of_lab(lab)) == set(bugs(lab))
+    assert set(check_args(lab)) == set(CHECKS[lab]) == set(BUGS[lab])
 
 
 @pytest.mark.parametrize("lab,check_id", CASES)
@@ -62,13 +92,16 @@ def test_solution_passes(lab, check_id, capsys):
 
 
 @pytest.mark.parametrize("lab,check_id", CASES)
-def test_solution_passes_on_other_seeds(lab, check_id):
-    """The grader draws its own inputs (seed 2026 + the check's rank): the solution must pass on any seed."""
-    spec = checks_of_lab(lab)[check_id]
+def test_solution_passes_on_other_seeds_with_a_kernel_only_collect(lab, check_id):
+    """The grader draws its own inputs, so the solution must pass on any seed; and collect, which runs
+    in the kernel, may use nothing but torch and labkit.checks.kernel."""
+    spec = CHECKS[lab][check_id]
     student = [namespace(lab)[name] for name in check_args(lab)[check_id]]
     for seed in (1, 2026, 2031):
         inputs = spec.make_inputs(seed)
-        assert spec.verify(inputs, spec.collect(inputs, *student)).startswith("✔")
+        with kernel.forbidding(spec.forbid):
+            outputs = kernel_only(spec.collect)(inputs, *student)
+        assert spec.verdict(inputs, outputs).startswith(f"✔ {check_id}")
 
 
 @pytest.mark.parametrize("lab,check_id,bug,message", BUG_CASES,
@@ -80,13 +113,12 @@ def test_check_catches_planted_bug(lab, check_id, bug, message):
         labkit.check(check_id, *student)
 
 
-HIDDEN_CASES = [(lab, hidden) for lab in sorted(LAB_MODULES) for hidden in hidden_checks(lab, None)]
-
-
-@pytest.mark.parametrize("lab,hidden", HIDDEN_CASES, ids=[h.check.id for _, h in HIDDEN_CASES])
+@pytest.mark.parametrize("lab,hidden", HIDDEN_CASES, ids=[h.id for _, h in HIDDEN_CASES])
 def test_hidden_check_passes_on_the_solution(lab, hidden):
-    """The grader's hidden checks accept the solution (their collect runs here, in this process)."""
+    """The grader's hidden checks accept the solution (their collect, kernel-only, runs here)."""
     student = [namespace(lab)[name] for name in hidden.args]
     for seed in (0, 2026):
-        inputs = hidden.check.make_inputs(seed)
-        assert hidden.check.verify(inputs, hidden.check.collect(inputs, *student)).startswith("✔")
+        inputs = hidden.make_inputs(seed)
+        with kernel.forbidding(hidden.forbid):
+            outputs = kernel_only(hidden.collect)(inputs, *student)
+        assert hidden.verdict(inputs, outputs).startswith(f"✔ {hidden.id}")

@@ -1,0 +1,192 @@
+"""The collect side of the checks: what runs in the student's kernel, next to the student's code.
+
+A check's ``collect`` uses only ``torch`` and the names of this module, so that it can run where
+the references cannot be reached (the grader sends it to the kernel; see ``labkit.grade``):
+
+- :func:`load_weights` loads the check's weights and names the expected parameters on a mismatch;
+- :func:`attempt` runs one call and turns an exception into a record that ``verify`` reports
+  with the case that raised it;
+- :func:`forbidding` runs the student's code under a guard that fails on a forbidden built-in;
+- :func:`run_cases` is the whole ``collect`` of a declarative case table (see ``labkit.checks.table``);
+- :class:`ConcatCache`, :class:`FixedLogits` and :class:`PeakTensorMemory` are stand-ins and
+  probes that several checks share.
+"""
+from __future__ import annotations
+
+import sys
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["ConcatCache", "FixedLogits", "PeakTensorMemory", "attempt", "forbidding", "load_weights", "run_cases"]
+RAISED = "raised"  # the key of an attempt that raised: {"raised": "TypeError: ..."}
+
+
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load the check's weights, explaining the expected parameter names if they do not fit."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        expected = ", ".join(f"{k} {tuple(v.shape)}" for k, v in state.items())
+        raise AssertionError(f"{what}: parameters must be exactly: {expected}. load_state_dict said: {error}") from None
+
+
+def attempt(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, or ``{"raised": "<Error>: <message>"}`` if it raised (verify reports it).
+
+    A forbidden built-in is not caught: its failure is the check's verdict."""
+    try:
+        return fn(*args, **kwargs)
+    except ForbiddenBuiltinError:
+        raise
+    except Exception as error:  # reported by verify, with the case that raised it
+        return {RAISED: f"{type(error).__name__}: {error}"[:500]}
+
+
+# ---------------------------------------------------------------- forbidden built-ins
+class ForbiddenBuiltinError(AssertionError):
+    """The student's code called a built-in that the exercise asks them to write themselves."""
+
+
+# The built-ins an exercise may forbid, by the name a message shows. nn.MultiheadAttention calls
+# F.multi_head_attention_forward; nn.LayerNorm and nn.RMSNorm call F.layer_norm and F.rms_norm.
+BUILTINS = {
+    "F.scaled_dot_product_attention": (F.scaled_dot_product_attention,),
+    "nn.MultiheadAttention": (F.multi_head_attention_forward,),
+    "F.layer_norm": (F.layer_norm, F.group_norm),
+    "F.rms_norm": (F.rms_norm,),
+    "F.gelu": (F.gelu,),
+    "F.silu": (F.silu,),
+    "F.relu": (F.relu, torch.relu, torch.Tensor.relu),
+}
+COURSE_CODE = "labkit.nn"  # the course's own modules, which later labs import: not an answer to the lab that builds them
+_COURSE_FILES = str(Path(__file__).resolve().parent.parent / "nn")
+
+
+class _Guard(TorchFunctionMode):
+    """Fails any call of a forbidden built-in (and, with ``labkit.nn``, any torch call made from it)."""
+
+    def __init__(self, names: tuple[str, ...]):
+        super().__init__()
+        self.forbidden = {fn: name for name in names if name in BUILTINS for fn in BUILTINS[name]}
+        self.course_code = COURSE_CODE in names
+        self.violation = ""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = self.forbidden.get(func) or (self.course_code and _called_from_course_code())
+        if name:
+            self.violation = self.violation or (
+                f"your code calls {name}; this exercise asks you to write it yourself, from tensor operations")
+            raise ForbiddenBuiltinError(self.violation)
+        return func(*args, **(kwargs or {}))
+
+
+def _called_from_course_code() -> str:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_COURSE_FILES):
+            return f"{COURSE_CODE} ({frame.f_code.co_name}), the course's own version"
+        frame = frame.f_back
+    return ""
+
+
+@contextmanager
+def forbidding(names: tuple[str, ...]):
+    """Run the block under a guard that fails on the built-ins ``names`` (keys of :data:`BUILTINS`, or
+    ``"labkit.nn"``). A violation fails even if the student's code caught the exception."""
+    if not names:
+        yield
+        return
+    with _Guard(tuple(names)) as guard:
+        yield
+    if guard.violation:
+        raise ForbiddenBuiltinError(guard.violation)
+
+
+# ---------------------------------------------------------------- declarative case tables
+def run_cases(inputs: dict, student) -> dict:
+    """The collect of a case table: for each case, build the student's module (``init``, ``weights``)
+    or take the student's function, call it on ``args`` and ``kwargs`` and keep what it returns."""
+    outputs = []
+    for case in inputs["cases"]:
+        target = student
+        if "init" in case:
+            target = attempt(student, *case["init"], **case.get("init_kwargs", {}))
+            if isinstance(target, dict):
+                outputs.append(target)
+                continue
+            if "weights" in case:
+                load_weights(target, case["weights"], case["what"])
+            target.eval()
+        with torch.no_grad():
+            outputs.append(attempt(target, *case.get("args", ()), **case.get("kwargs", {})))
+    return {"outputs": outputs}
+
+
+# ---------------------------------------------------------------- stand-ins and probes
+class ConcatCache:
+    """The simplest cache of Lab 2's protocol: ``update(a, b)`` appends along the time axis (dim -2)
+    and returns everything so far. A check of an attention module uses it so as not to depend on
+    the student's own cache; it also shows what the module chose to cache."""
+
+    def __init__(self):
+        self.a = self.b = None
+
+    def update(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.a = a if self.a is None else torch.cat([self.a, a], dim=-2)
+        self.b = b if self.b is None else torch.cat([self.b, b], dim=-2)
+        return self.a, self.b
+
+
+class FixedLogits(nn.Module):
+    """A stand-in model whose next-token logits are always the same: sampling can be tested exactly."""
+
+    def __init__(self, logits: torch.Tensor, max_len: int = 8):
+        super().__init__()
+        self.register_buffer("logits", logits)
+        self.max_len = max_len
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        assert idx.shape[1] <= self.max_len, f"the model got {idx.shape[1]} tokens, more than max_len={self.max_len}"
+        return self.logits.expand(*idx.shape, -1)
+
+
+class PeakTensorMemory(TorchFunctionMode):
+    """Inside a ``with`` block, the bytes of tensor storage created there: live, at peak, and the
+    largest single storage (views and in-place results share an existing storage and are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = self.largest = 0
+        self.counted: set[int] = set()
+
+    def _freed(self, pointer: int, nbytes: int) -> None:
+        self.counted.discard(pointer)
+        self.live -= nbytes
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        known = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))} | self.counted
+        for t in _tensors(out):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in known and storage.nbytes() > 0:
+                self.counted.add(storage.data_ptr())
+                self.live += storage.nbytes()
+                self.peak, self.largest = max(self.peak, self.live), max(self.largest, storage.nbytes())
+                weakref.finalize(storage, self._freed, storage.data_ptr(), storage.nbytes())
+        return out
+
+
+def _tensors(x) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for y in x for t in _tensors(y)]
+    if isinstance(x, dict):
+        return [t for y in x.values() for t in _tensors(y)]
+    return []

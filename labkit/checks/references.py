@@ -1,0 +1,476 @@
+"""Every reference the checks compare with, built in one place, independent of the course's solutions.
+
+- Hugging Face modules built offline from small configurations with the check's weights copied in:
+  Llama (attention, RoPE, MLP, RMSNorm, decoder layer), DeepSeek-V3 attention, BERT and
+  all-MiniLM-L6-v2, T5's relative buckets, GPT-2, and the configurations of the later labs'
+  models (Mistral, Mixtral, Mamba);
+- PyTorch built-ins: ``nn.MultiheadAttention``, ``nn.Transformer``, ``F.scaled_dot_product_attention``
+  (with ``enable_gqa``), ``F.layer_norm``, ``F.rms_norm`` and the activations.
+
+Everything here runs in float64 where the module allows it, on the verify side only: the
+student's kernel never needs this module. ``transformers``' lazy imports are not thread-safe,
+and the grader verifies submissions in threads: every import goes through :data:`IMPORT_LOCK`.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import math
+import os
+import threading
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from labkit.checks.factories import additive, causal, doubled
+from labkit.data import minilm_files
+
+IMPORT_LOCK = threading.RLock()
+
+
+def hf(model: str, *names: str):
+    """Classes or functions of ``transformers.models.<model>.modeling_<model>``, imported offline and quietly."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    with IMPORT_LOCK:
+        module = importlib.import_module(f"transformers.models.{model}.modeling_{model}")
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()  # no load reports
+        logging.disable_progress_bar()
+        found = [getattr(module, name) for name in names]
+    return found[0] if len(found) == 1 else found
+
+
+# ---------------------------------------------------------------- configurations
+def llama_config(d_model: int, n_heads: int, n_kv_heads: int | None = None, d_ff: int | None = None, *,
+                 rope_base: float = 10000.0, rope_type: str = "default", rope_factor: float = 1.0,
+                 max_position_embeddings: int = 4096, bias: bool = False, **extra):
+    """A small ``LlamaConfig`` (eager attention, SiLU, one layer, eight tokens) for the given sizes.
+
+    transformers 5 names the RoPE settings ``rope_parameters``; transformers 4 used ``rope_theta``
+    and ``rope_scaling``. Both are supported, so that checks also run in Colab's version.
+    """
+    LlamaConfig = hf("llama", "LlamaConfig")
+    sizes = dict(hidden_size=d_model, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads or n_heads,
+                 head_dim=d_model // n_heads, intermediate_size=d_ff or 2 * d_model, num_hidden_layers=1,
+                 vocab_size=8, max_position_embeddings=max_position_embeddings, attention_bias=bias, mlp_bias=False,
+                 hidden_act="silu", attn_implementation="eager") | extra
+    rope = {"rope_type": rope_type} | ({} if rope_type == "default" else {"factor": rope_factor})
+    if hasattr(LlamaConfig(), "rope_parameters"):  # transformers >= 5
+        return LlamaConfig(**sizes, rope_parameters=rope | {"rope_theta": rope_base})
+    return LlamaConfig(**sizes, rope_theta=rope_base, rope_scaling=None if rope_type == "default" else rope)
+
+
+def mistral_config(d_model: int, n_heads: int, n_kv_heads: int, d_ff: int, sliding_window: int, **extra):
+    """A small ``MistralConfig``: Llama's layer with sliding-window attention of ``sliding_window`` tokens."""
+    MistralConfig = hf("mistral", "MistralConfig")
+    return MistralConfig(hidden_size=d_model, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                         head_dim=d_model // n_heads, intermediate_size=d_ff, num_hidden_layers=1, vocab_size=8,
+                         sliding_window=sliding_window, attn_implementation="eager", **extra)
+
+
+def mixtral_config(d_model: int, d_ff: int, n_experts: int, top_k: int, **extra):
+    """A small ``MixtralConfig``. transformers 5 dispatches the experts to fused kernels unless they are eager."""
+    MixtralConfig = hf("mixtral", "MixtralConfig")
+    return MixtralConfig(hidden_size=d_model, intermediate_size=d_ff, num_local_experts=n_experts,
+                         num_experts_per_tok=top_k, num_attention_heads=max(1, d_model // 16), num_key_value_heads=1,
+                         num_hidden_layers=1, vocab_size=8, attn_implementation="eager", experts_implementation="eager",
+                         **extra)
+
+
+def mamba_config(d_model: int, d_state: int, d_conv: int = 4, expand: int = 2, **extra):
+    """A small ``MambaConfig`` (one layer). Its pure-PyTorch scan is ``mamba_selective_scan.__wrapped__``."""
+    MambaConfig = hf("mamba", "MambaConfig")
+    return MambaConfig(hidden_size=d_model, state_size=d_state, conv_kernel=d_conv, expand=expand, num_hidden_layers=1,
+                       vocab_size=8, **extra)
+
+
+def gpt2_config(vocab_size: int, d_model: int, n_heads: int, n_layers: int, max_len: int, **extra):
+    """A ``GPT2Config`` of Lab 1a's GPT: exact GELU, no dropout, tied embeddings."""
+    GPT2Config = hf("gpt2", "GPT2Config")
+    return GPT2Config(vocab_size=vocab_size, n_embd=d_model, n_head=n_heads, n_layer=n_layers, n_positions=max_len,
+                      activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      attn_implementation="eager", **extra)
+
+
+# ---------------------------------------------------------------- attention
+def mha(weights: dict, prefix: str, d_model: int, n_heads: int, bias: bool = True) -> nn.MultiheadAttention:
+    """``nn.MultiheadAttention`` (float64) carrying Lab 1a's layout of weights (``q_proj``, ..., ``out_proj``)."""
+    module = nn.MultiheadAttention(d_model, n_heads, bias=bias, batch_first=True).double()
+    w = doubled(weights)
+    with torch.no_grad():
+        module.in_proj_weight.copy_(torch.cat([w[f"{prefix}{n}_proj.weight"] for n in "qkv"]))
+        module.out_proj.weight.copy_(w[f"{prefix}out_proj.weight"])
+        if bias:
+            module.in_proj_bias.copy_(torch.cat([w[f"{prefix}{n}_proj.bias"] for n in "qkv"]))
+            module.out_proj.bias.copy_(w[f"{prefix}out_proj.bias"])
+    return module.eval()
+
+
+def mha_output(weights: dict, prefix: str, x: torch.Tensor, n_heads: int, context: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
+    """Multi-head attention of ``x`` over ``context`` (x itself when None) with ``mask`` (True = may attend)."""
+    x = x.double()
+    context = x if context is None else context.double()
+    module = mha(weights, prefix, x.shape[-1], n_heads, bias)
+    with torch.no_grad():
+        return module(x, context, context, attn_mask=None if mask is None else ~mask, need_weights=False)[0]
+
+
+def gqa(weights: dict, x: torch.Tensor, n_heads: int, n_kv_heads: int, mask: torch.Tensor | None = None,
+        tiled: bool = False) -> torch.Tensor:
+    """Grouped-query attention from ``F.linear`` and ``F.scaled_dot_product_attention(enable_gqa=True)``.
+    ``tiled`` builds the classic bug (query head h reads KV head h % n_kv_heads), for diagnoses."""
+    w, x = doubled(weights), x.double()
+    B, T, _ = x.shape
+    proj = lambda name, t: F.linear(t, w[f"{name}.weight"], w.get(f"{name}.bias"))
+    q = proj("q_proj", x).view(B, T, n_heads, -1).transpose(1, 2)
+    k = proj("k_proj", x).view(B, T, n_kv_heads, -1).transpose(1, 2)
+    v = proj("v_proj", x).view(B, T, n_kv_heads, -1).transpose(1, 2)
+    if tiled:
+        n_rep = n_heads // n_kv_heads
+        out = F.scaled_dot_product_attention(q, k.repeat(1, n_rep, 1, 1), v.repeat(1, n_rep, 1, 1), attn_mask=mask)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return proj("o_proj", out.transpose(1, 2).reshape(B, T, -1))
+
+
+def llama_attention(weights: dict, x: torch.Tensor, n_heads: int, n_kv_heads: int | None = None, *,
+                    rope: bool = True, rope_base: float = 10000.0, rope_type: str = "default",
+                    rope_factor: float = 1.0, bias: bool = False) -> torch.Tensor:
+    """The output of transformers' ``LlamaAttention`` (eager, causal) with the given projection weights;
+    ``rope=False`` disables RoPE (cos = 1, sin = 0)."""
+    LlamaAttention, LlamaRotaryEmbedding = hf("llama", "LlamaAttention", "LlamaRotaryEmbedding")
+    x = x.double()
+    B, T, d_model = x.shape
+    config = llama_config(d_model, n_heads, n_kv_heads, rope_base=rope_base, rope_type=rope_type,
+                          rope_factor=rope_factor, bias=bias)
+    attention = LlamaAttention(config, layer_idx=0).double().eval()
+    attention.load_state_dict(doubled(weights))
+    if rope:
+        cos, sin = (t.double() for t in LlamaRotaryEmbedding(config)(x, torch.arange(T)[None]))
+    else:
+        d = d_model // n_heads
+        cos, sin = torch.ones(B, T, d, dtype=torch.float64), torch.zeros(B, T, d, dtype=torch.float64)
+    with torch.no_grad():
+        out, _ = attention(x, position_embeddings=(cos, sin), attention_mask=additive(causal(T)))
+    return out
+
+
+def llama_cos_sin(head_dim: int, base: float, positions: torch.Tensor, rope_type: str = "default",
+                  factor: float = 1.0, max_position_embeddings: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's cos and sin tables, (T, head_dim) in float64, from ``LlamaRotaryEmbedding``."""
+    LlamaRotaryEmbedding = hf("llama", "LlamaRotaryEmbedding")
+    config = llama_config(head_dim, 1, rope_base=base, rope_type=rope_type, rope_factor=factor,
+                          max_position_embeddings=max_position_embeddings)
+    cos, sin = LlamaRotaryEmbedding(config)(torch.zeros(1, dtype=torch.float32), positions.long()[None])
+    return cos[0].double(), sin[0].double()
+
+
+def llama_apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama's ``apply_rotary_pos_emb`` on x (B, H, T, d) with cos, sin (T, d)."""
+    out, _ = hf("llama", "apply_rotary_pos_emb")(x, x, cos[None], sin[None])
+    return out
+
+
+def deepseek_v3_attention(c: dict, weights: dict, x: torch.Tensor) -> torch.Tensor:
+    """transformers' ``DeepseekV3Attention`` (eager, causal, RoPE disabled) for Lab 2's MLA configuration ``c``."""
+    DeepseekV3Config, DeepseekV3Attention = hf("deepseek_v3", "DeepseekV3Config", "DeepseekV3Attention")
+    config = DeepseekV3Config(hidden_size=c["d_model"], num_attention_heads=c["n_heads"],
+                              num_key_value_heads=c["n_heads"], q_lora_rank=c["q_lora_rank"],
+                              kv_lora_rank=c["kv_lora_rank"], qk_nope_head_dim=c["qk_nope_head_dim"],
+                              qk_rope_head_dim=c["qk_rope_head_dim"], v_head_dim=c["v_head_dim"],
+                              rope_interleave=False, attn_implementation="eager")
+    module = DeepseekV3Attention(config, layer_idx=0).double().eval()
+    module.load_state_dict(doubled(weights))
+    x = x.double()
+    B, T, _ = x.shape
+    r = c["qk_rope_head_dim"]
+    no_rope = (torch.ones(B, T, r, dtype=torch.float64), torch.zeros(B, T, r, dtype=torch.float64))
+    with torch.no_grad():
+        out, _ = module(x, no_rope, additive(causal(T)))
+    return out
+
+
+def mla(c: dict, weights: dict, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head latent attention with the keys and values decompressed explicitly, from ``F.linear``,
+    ``F.rms_norm`` and ``F.scaled_dot_product_attention`` (the decoupled RoPE is the identity in Lab 2)."""
+    w, x = doubled(weights), x.double()
+    B, T, _ = x.shape
+    H, n, r, dv, rank = c["n_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"], c["kv_lora_rank"]
+    q = F.linear(F.rms_norm(F.linear(x, w["q_a_proj.weight"]), (c["q_lora_rank"],), w["q_a_layernorm.weight"], 1e-6),
+                 w["q_b_proj.weight"]).view(B, T, H, n + r).transpose(1, 2)
+    c_kv, k_pe = F.linear(x, w["kv_a_proj_with_mqa.weight"]).split([rank, r], dim=-1)
+    c_kv = F.rms_norm(c_kv, (rank,), w["kv_a_layernorm.weight"], 1e-6)
+    kv = F.linear(c_kv, w["kv_b_proj.weight"]).view(B, T, H, n + dv).transpose(1, 2)
+    k = torch.cat([kv[..., :n], k_pe.unsqueeze(1).expand(B, H, T, r)], dim=-1)  # one rope key shared by all heads
+    out = F.scaled_dot_product_attention(q, k, kv[..., n:], attn_mask=mask, scale=1 / math.sqrt(n + r))
+    return F.linear(out.transpose(1, 2).reshape(B, T, H * dv), w["o_proj.weight"])
+
+
+# ---------------------------------------------------------------- feed-forward and norms
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
+
+
+def ffn(weights: dict, prefix: str, x: torch.Tensor, activation=F.gelu) -> torch.Tensor:
+    """``fc2(activation(fc1(x)))`` from ``F.linear`` and a PyTorch activation, in float64."""
+    w, x = doubled(weights), x.double()
+    h = activation(F.linear(x, w[f"{prefix}fc1.weight"], w[f"{prefix}fc1.bias"]))
+    return F.linear(h, w[f"{prefix}fc2.weight"], w[f"{prefix}fc2.bias"])
+
+
+def swiglu(weights: dict, prefix: str, x: torch.Tensor, gate=F.silu, swapped: bool = False) -> torch.Tensor:
+    """``down_proj(gate(gate_proj(x)) * up_proj(x))`` from ``F.linear``; another ``gate`` or ``swapped``
+    inputs build the usual bugs, for diagnoses."""
+    w, x = doubled(weights), x.double()
+    g, u = F.linear(x, w[f"{prefix}gate_proj.weight"]), F.linear(x, w[f"{prefix}up_proj.weight"])
+    return F.linear(gate(u) * g if swapped else gate(g) * u, w[f"{prefix}down_proj.weight"])
+
+
+def llama_mlp(weights: dict, x: torch.Tensor) -> torch.Tensor:
+    """transformers' ``LlamaMLP`` with the given ``gate_proj``, ``up_proj`` and ``down_proj``, in float64."""
+    d_ff, d_model = weights["gate_proj.weight"].shape
+    mlp = hf("llama", "LlamaMLP")(llama_config(d_model, 1, d_ff=d_ff)).double()
+    mlp.load_state_dict(doubled(weights))
+    with torch.no_grad():
+        return mlp(x.double())
+
+
+def layer_norm(weights: dict, x: torch.Tensor, eps: float = 1e-5, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``nn.LayerNorm`` with the given weight and bias, in ``dtype`` (a bfloat16 input stays bfloat16)."""
+    norm = nn.LayerNorm(x.shape[-1], eps=eps).to(dtype)
+    norm.load_state_dict(weights)  # load_state_dict casts to the module's dtype
+    with torch.no_grad():
+        return norm(x if x.dtype in (torch.bfloat16, torch.float16) else x.to(dtype))
+
+
+def rms_norm(weight: torch.Tensor, x: torch.Tensor, eps: float = 1e-6, dtype: torch.dtype = torch.float64,
+             llama: bool = True) -> torch.Tensor:
+    """transformers' ``LlamaRMSNorm`` (or, ``llama=False``, ``nn.RMSNorm``) with ``weight``, in ``dtype``."""
+    d = x.shape[-1]
+    norm = hf("llama", "LlamaRMSNorm")(d, eps=eps) if llama else nn.RMSNorm(d, eps=eps)
+    norm = norm.to(dtype)
+    norm.load_state_dict({"weight": weight})
+    with torch.no_grad():
+        return norm(x if x.dtype in (torch.bfloat16, torch.float16) else x.to(dtype))
+
+
+def norm(weights: dict, prefix: str, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """``F.layer_norm`` (eps 1e-5) or ``F.rms_norm`` (eps 1e-6) with ``prefix.weight`` (and ``prefix.bias``)."""
+    w = doubled(weights)
+    if kind == "layer":
+        return F.layer_norm(x.double(), x.shape[-1:], w[f"{prefix}.weight"], w[f"{prefix}.bias"], eps=1e-5)
+    return F.rms_norm(x.double(), x.shape[-1:], w[f"{prefix}.weight"], eps=1e-6)
+
+
+def block(case: dict, x: torch.Tensor, n_heads: int, variant: str = "", norms: tuple[str, str] = ("norm1", "norm2"),
+          bias: bool = False) -> torch.Tensor:
+    """A Transformer block from ``nn.MultiheadAttention``, ``F.layer_norm`` or ``F.rms_norm`` and ``F.linear``.
+
+    ``case`` has ``norm`` ("pre" or "post"), ``norm_type`` ("layer" or "rms"), ``ffn`` ("gelu" or
+    "swiglu") and ``weights`` (the norms named ``norms``, ``attn.*`` with or without ``bias``, ``ffn.*``).
+    ``variant`` builds a known wrong version, for diagnoses: another arrangement ("pre", "post",
+    "norm before add") or "not causal"."""
+    w, x = case["weights"], x.double()
+    mask = None if variant == "not causal" else causal(x.shape[1])
+    sa = lambda t: mha_output(w, "attn.", t, n_heads, mask=mask, bias=bias)
+    ff = (lambda t: swiglu(w, "ffn.", t)) if case["ffn"] == "swiglu" else (lambda t: ffn(w, "ffn.", t))
+    norm1, norm2 = (lambda t, name=name: norm(w, name, t, case["norm_type"]) for name in norms)
+    arrangement = variant if variant in ("pre", "post", "norm before add") else case["norm"]
+    with torch.no_grad():
+        if arrangement == "pre":
+            x = x + sa(norm1(x))
+            return x + ff(norm2(x))
+        if arrangement == "post":
+            x = norm1(x + sa(x))
+            return norm2(x + ff(x))
+        x = x + norm1(sa(x))  # "norm before add": post-norm's norm on the sublayer's output
+        return x + norm2(ff(x))
+
+
+def measure_llama_layer(d_model: int, n_heads: int, n_kv_heads: int, d_ff: int, seq_len: int) -> tuple[dict, dict]:
+    """Parameters of transformers' ``LlamaDecoderLayer``, and its forward FLOPs per token over one sequence
+    of ``seq_len`` tokens, measured by ``torch.utils.flop_counter`` on the meta device (no memory, no time)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    LlamaDecoderLayer, LlamaRotaryEmbedding = hf("llama", "LlamaDecoderLayer", "LlamaRotaryEmbedding")
+    config = llama_config(d_model, n_heads, n_kv_heads, d_ff)
+    with torch.device("meta"):
+        layer, rope = LlamaDecoderLayer(config, layer_idx=0), LlamaRotaryEmbedding(config)
+        x = torch.zeros(1, seq_len, d_model)
+        position_embeddings = rope(x, torch.arange(seq_len)[None])
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    params = {"attention": count(layer.self_attn), "ffn": count(layer.mlp),
+              "norms": count(layer.input_layernorm) + count(layer.post_attention_layernorm)}
+    with FlopCounterMode(display=False) as counter:
+        layer(x, position_embeddings=position_embeddings)
+    by_module = counter.get_flop_counts()
+    flops = {"attention": sum(by_module["LlamaDecoderLayer.self_attn"].values()) // seq_len,
+             "ffn": sum(by_module["LlamaDecoderLayer.mlp"].values()) // seq_len}
+    return params, flops
+
+
+# ---------------------------------------------------------------- BERT, all-MiniLM-L6-v2 and T5 (Lab 1b)
+def sentence_transformers():
+    """sentence-transformers' ``SentenceTransformer``, ``Pooling`` and ``Normalize``, imported under the lock."""
+    with IMPORT_LOCK:
+        from sentence_transformers import SentenceTransformer
+        try:
+            from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+        except ImportError:  # sentence-transformers before 6, as Colab may have
+            from sentence_transformers.models import Normalize, Pooling
+    return SentenceTransformer, Pooling, Normalize
+
+
+def minilm_config() -> dict:
+    """Lab 1b's ``BertEncoder`` arguments for all-MiniLM-L6-v2, read from the package's config.json."""
+    c = json.loads(minilm_files()["config"].read_text())
+    return {"vocab_size": c["vocab_size"], "d_model": c["hidden_size"], "n_heads": c["num_attention_heads"],
+            "n_layers": c["num_hidden_layers"], "d_ff": c["intermediate_size"],
+            "max_len": c["max_position_embeddings"], "n_types": c["type_vocab_size"], "eps": c["layer_norm_eps"]}
+
+
+def bert_config(config: dict, hidden_act: str = "gelu"):
+    """A ``transformers.BertConfig`` for Lab 1b's ``BertEncoder`` arguments (no dropout)."""
+    return hf("bert", "BertConfig")(
+        vocab_size=config["vocab_size"], hidden_size=config["d_model"], num_attention_heads=config["n_heads"],
+        num_hidden_layers=config["n_layers"], intermediate_size=config["d_ff"],
+        max_position_embeddings=config["max_len"], type_vocab_size=config["n_types"],
+        layer_norm_eps=config["eps"], hidden_act=hidden_act, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, attn_implementation="eager")
+
+
+@functools.lru_cache(maxsize=1)
+def minilm():
+    """(``BertModel`` in float64, ``SentenceTransformer`` as shipped, in float32), from the package's files, once."""
+    folder = str(minilm_files()["dir"])
+    BertModel = hf("bert", "BertModel")
+    SentenceTransformer, _, _ = sentence_transformers()
+    with IMPORT_LOCK:
+        bert = BertModel.from_pretrained(folder, attn_implementation="eager").double().eval()
+        st = SentenceTransformer(folder, device="cpu").eval()  # float32 as used: agrees with float64 to 1e-7
+    return bert, st
+
+
+@functools.lru_cache(maxsize=1)
+def wordpiece():
+    """The package's own ``tokenizer.json`` run by the ``tokenizers`` library, without padding or truncation."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(minilm_files()["tokenizer"]))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def t5_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's relative position buckets, from ``T5Attention._relative_position_bucket``."""
+    return hf("t5", "T5Attention")._relative_position_bucket(relative_position, bidirectional=bidirectional,
+                                                              num_buckets=num_buckets, max_distance=max_distance)
+
+
+class Seq2Seq(nn.Module):
+    """``nn.Transformer`` (pre-norm, GELU, no dropout) with Lab 1b's embeddings and tied output, in float64,
+    carrying the weights of Lab 1b's ``EncoderDecoder`` layout."""
+
+    def __init__(self, config: dict, weights: dict):
+        super().__init__()
+        d, n = config["d_model"], config["n_layers"]
+        with warnings.catch_warnings():  # nn.Transformer warns that pre-norm disables nested tensors
+            warnings.simplefilter("ignore")
+            self.core = nn.Transformer(d, config["n_heads"], n, n, 4 * d, dropout=0.0, activation=F.gelu,
+                                       batch_first=True, norm_first=True).double()
+        w = doubled(weights)
+        self.tok_emb, self.enc_pos, self.dec_pos = w["tok_emb.weight"], w["enc_pos.weight"], w["dec_pos.weight"]
+        state = {f"{stack}.norm.{kind}": w[f"{short}_ln.{kind}"] for stack, short in (("encoder", "enc"), ("decoder", "dec"))
+                 for kind in ("weight", "bias")}
+        for stack, attns in (("encoder", (("self_attn", "attn"),)),
+                             ("decoder", (("self_attn", "self_attn"), ("multihead_attn", "cross_attn")))):
+            for i in range(n):
+                theirs, ours = f"{stack}.layers.{i}", f"{stack}.{i}"
+                for kind in ("weight", "bias"):
+                    for their_attn, our_attn in attns:
+                        state[f"{theirs}.{their_attn}.in_proj_{kind}"] = torch.cat(
+                            [w[f"{ours}.{our_attn}.{x}_proj.{kind}"] for x in "qkv"])
+                        state[f"{theirs}.{their_attn}.out_proj.{kind}"] = w[f"{ours}.{our_attn}.out_proj.{kind}"]
+                    state[f"{theirs}.linear1.{kind}"] = w[f"{ours}.ffn.fc1.{kind}"]
+                    state[f"{theirs}.linear2.{kind}"] = w[f"{ours}.ffn.fc2.{kind}"]
+                    for j in range(1, len(attns) + 2):
+                        state[f"{theirs}.norm{j}.{kind}"] = w[f"{ours}.ln{j}.{kind}"]
+        self.core.load_state_dict(state)
+        self.core.train()  # dropout is 0; training mode keeps PyTorch's fused inference path out of the way
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb[src] + self.enc_pos[: src.shape[1]]
+        return self.core.encoder(x, src_key_padding_mask=~src_mask.bool())
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        T = tgt.shape[1]
+        y = self.tok_emb[tgt] + self.dec_pos[:T]
+        out = self.core.decoder(y, self.encode(src, src_mask), tgt_mask=~causal(T),  # True = blocked, nn.Transformer's convention
+                                memory_key_padding_mask=~src_mask.bool())
+        return out @ self.tok_emb.T
+
+
+# ---------------------------------------------------------------- position encodings (Lab 3), closed forms
+def sinusoid_table(T: int, d: int, base: float, layout: str = "interleaved") -> torch.Tensor:
+    """The 2017 paper's PE[p, 2i] = sin(p / base^(2i/d)), PE[p, 2i+1] = cos(...), in float64; the
+    "swapped" and "concatenated" layouts build the usual bugs, for diagnoses."""
+    p = torch.arange(T, dtype=torch.float64)[:, None]
+    angle = p / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)  # (T, d/2)
+    sin, cos = angle.sin(), angle.cos()
+    if layout == "concatenated":
+        return torch.cat([sin, cos], dim=-1)
+    first, second = (cos, sin) if layout == "swapped" else (sin, cos)
+    return torch.stack([first, second], dim=-1).flatten(-2)
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
+    """(T, head_dim/2) angles p * base^(-2i/head_dim), in float64 (RoFormer's theta_i)."""
+    theta = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    return positions.double()[:, None] * theta[None, :]
+
+
+def rotate_interleaved(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """RoFormer's form: the pairs (x_2i, x_2i+1) as complex numbers, times e^(i * angle)."""
+    z = torch.complex(x[..., 0::2].double(), x[..., 1::2].double()) * torch.polar(torch.ones_like(angles), angles)
+    return torch.stack([z.real, z.imag], dim=-1).flatten(-2)
+
+
+def alibi_slopes(n: int) -> list[float]:
+    """The slopes of the ALiBi paper's released code (Press et al., 2022), for any number of heads."""
+    def power_of_2(n: int) -> list[float]:
+        start = 2 ** (-2 ** -(math.log2(n) - 3))  # 2^(-8/n)
+        return [start * start ** i for i in range(n)]
+    if math.log2(n).is_integer():
+        return power_of_2(n)
+    closest = 2 ** math.floor(math.log2(n))
+    return power_of_2(closest) + alibi_slopes(2 * closest)[0::2][:n - closest]
+
+
+# Hand-computed from the paper's rule (Section 3): for 8 heads the geometric sequence 2^-1 ... 2^-8;
+# for 12 heads, those 8 slopes followed by every other slope of 16 heads (2^-0.5, 2^-1, ..., 2^-8),
+# starting with the first: 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5.
+SLOPES_8 = [1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128, 1 / 256]
+SLOPES_12 = SLOPES_8 + [2 ** -0.5, 2 ** -1.5, 2 ** -2.5, 2 ** -3.5]
+
+
+def alibi_bias(slopes: list[float], T_q: int, T_k: int) -> torch.Tensor:
+    """(H, T_q, T_k): -m_h * (i - j), the queries being the last T_q of T_k positions."""
+    i = torch.arange(T_k - T_q, T_k, dtype=torch.float64)[:, None]
+    j = torch.arange(T_k, dtype=torch.float64)[None, :]
+    return -torch.tensor(slopes, dtype=torch.float64)[:, None, None] * (i - j)
+
+
+def attention_with_bias(weights: dict, x: torch.Tensor, n_heads: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention with ``q_proj`` ... ``o_proj`` (no biases) and an additive ``bias`` (H, T, T) on the
+    scores, from ``F.scaled_dot_product_attention`` with a float mask, in float64."""
+    w, x = doubled(weights), x.double()
+    B, T, C = x.shape
+    q, k, v = ((x @ w[f"{n}_proj.weight"].T).view(B, T, n_heads, -1).transpose(1, 2) for n in "qkv")
+    mask = (torch.zeros(T, T, dtype=torch.float64) if bias is None else bias).masked_fill(~causal(T), float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, C) @ w["o_proj.weight"].T

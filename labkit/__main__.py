@@ -1,4 +1,5 @@
-"""The `labkit` command: `labkit grade ...`, `labkit make-labs ...`, `labkit bench ...`, `labkit autograder ...`.
+"""The `labkit` command: `labkit grade ...`, `labkit make-labs ...`, `labkit bench ...`, `labkit autograder ...`,
+`labkit new-lab ...`.
 
 Each subcommand is the same as `python -m labkit.<module>` with the same arguments.
 """
@@ -8,7 +9,7 @@ import importlib
 import sys
 
 COMMANDS = {"grade": "labkit.grade", "make-labs": "labkit.make_labs", "bench": "labkit.bench",
-            "autograder": "labkit.autograder"}
+            "autograder": "labkit.autograder", "new-lab": "labkit.new_lab"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import labkit
 from labkit import grade
-from labkit.checks import LAB_MODULES
+from labkit.checks import labs
 
 ROOT = Path(labkit.__file__).resolve().parent.parent
 TORCH = "torch==2.13.0"
@@ -58,7 +58,7 @@ def find_lab(lab: str, labs_dir: Path) -> Path:
         metadata = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
         if isinstance(metadata.get("labkit"), dict) and metadata["labkit"].get("lab") == lab:
             return path
-    raise SystemExit(f"no lab {lab!r} in {labs_dir} (no notebook whose metadata labkit.lab is {lab!r})")
+    raise LookupError(f"no lab {lab!r} in {labs_dir} (no notebook whose metadata labkit.lab is {lab!r})")
 
 
 def _normalize(name: str) -> str:
@@ -276,12 +276,9 @@ def failure_result(lab: str, message: str, labs_dir: Path, hidden_dir: Path | No
     """Score 0 with ``message``: every check of the lab (visible and hidden) failed with it."""
     result = grade.Submission(name="submission", status=message)
     try:
-        pristine = grade.lab_notebook(lab, labs_dir)
-        hidden = grade.hidden_checks(lab, hidden_dir)
-        cells = [grade.hidden_cell(h) for h in hidden]
         result.checks = [grade.CheckResult(i, p, False, f"not graded: {message}", h)
-                         for i, p, h in grade.graded_checks(grade.rebuild(pristine, pristine, cells))]
-    except BaseException as error:  # lab_notebook raises SystemExit; the message still gets written
+                         for i, p, h in grade.grading_plan(lab, labs_dir, hidden_dir).cells]
+    except Exception as error:  # the message still gets written, with no checks
         print(f"note: could not list the checks of lab {lab}: {error}", file=sys.stderr)
     return result
 
@@ -293,8 +290,8 @@ def write_failure(results: Path, lab: str, message: str, labs_dir: Path, hidden_
 # ---------------------------------------------------------------- the bundle
 def build(lab: str, out: Path, hidden_dir: Path | None = None) -> tuple[Path, Path]:
     """Write the bundle to ``out/<lab>/`` and the zip to ``out/autograder-<lab>.zip``; return both."""
-    if not re.fullmatch(r"[\w.-]+", lab):
-        raise SystemExit(f"not a lab id: {lab!r}")
+    if lab not in labs():
+        raise LookupError(f"no checks for lab {lab!r}; the labs with checks are {', '.join(labs())}")
     hidden_dir = hidden_dir or ROOT / "hidden_checks"
     lab_path = find_lab(lab, ROOT / "labs")
     bundle = out / lab
@@ -317,9 +314,7 @@ def build(lab: str, out: Path, hidden_dir: Path | None = None) -> tuple[Path, Pa
     (bundle / "requirements-grading.txt").write_text(grading_requirements(ROOT / "requirements.txt"))
     shutil.copy2(ROOT / "requirements-nodeps.txt", bundle / "requirements-nodeps.txt")
 
-    if lab not in LAB_MODULES:
-        raise SystemExit(f"lab {lab!r} has no checks module in labkit.checks.LAB_MODULES")
-    names = {"lab": lab, "venv": VENV, "torch": TORCH, "torch_index": TORCH_INDEX, "check_module": LAB_MODULES[lab]}
+    names = {"lab": lab, "venv": VENV, "torch": TORCH, "torch_index": TORCH_INDEX, "check_module": f"labkit.checks.lab{lab}"}
     for name, text in (("setup.sh", SETUP_SH), ("run_autograder", RUN_AUTOGRADER)):
         (bundle / name).write_text(text.format(**names))
         (bundle / name).chmod(EXECUTABLE)
@@ -363,7 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.fail_results:
         write_failure(args.fail_results, args.lab, args.message, args.labs_dir, args.hidden)
         return 0
-    bundle, archive = build(args.lab, args.out, args.hidden)
+    try:
+        bundle, archive = build(args.lab, args.out, args.hidden)
+    except LookupError as error:
+        print(f"labkit.autograder: {error}", file=sys.stderr)
+        return 2
     files = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
     print(f"bundle: {bundle}/ ({len(files)} files)")
     print(f"upload: {archive} ({archive.stat().st_size / 1024:.0f} KiB)")

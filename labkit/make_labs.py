@@ -8,7 +8,8 @@ For each solution notebook:
 - the cell tagged ``setup`` is rewritten from :data:`SETUP_TEMPLATE`, with the course
   repository and ref read from ``_config.yml`` (the one place that names them);
 - each region between ``# BEGIN SOLUTION[: hint]`` and ``# END SOLUTION`` becomes a
-  ``raise NotImplementedError(hint)`` at the same indentation;
+  ``raise NotImplementedError(hint)`` at the same indentation; a hint too long for one line of
+  :data:`MAX_LINE` characters becomes comment lines above a short ``raise``;
 - cells tagged ``solution-only`` are dropped;
 - outputs and execution counts are removed. Cell ids and check metadata are kept, so
   that the grader can match a submission's cells with the pristine lab's.
@@ -19,6 +20,7 @@ import argparse
 import copy
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import nbformat
@@ -27,6 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN = re.compile(r"^(?P<indent>\s*)# BEGIN SOLUTION(?::\s*(?P<hint>.*\S))?\s*$")
 END = re.compile(r"^\s*# END SOLUTION\s*$")
+MAX_LINE = 100  # no line of a generated lab is longer (a test checks every code line)
 
 SETUP_TEMPLATE = '''\
 # Set-up. In Colab, install what is missing (never torch); locally, this does nothing.
@@ -67,8 +70,7 @@ def strip_solutions(source: str) -> str:
         if begin:
             if inside:
                 raise ValueError(f"line {number}: BEGIN SOLUTION inside another solution region")
-            hint = begin["hint"] or "write this part"
-            lines.append(f"{begin['indent']}raise NotImplementedError({hint!r})")
+            lines += stub(begin["indent"], begin["hint"] or "write this part")
             inside = True
         elif END.match(line):
             if not inside:
@@ -79,6 +81,16 @@ def strip_solutions(source: str) -> str:
     if inside:
         raise ValueError("BEGIN SOLUTION without END SOLUTION")
     return "\n".join(lines)
+
+
+def stub(indent: str, hint: str) -> list[str]:
+    """``raise NotImplementedError(hint)``, or the hint as comments above a short ``raise`` if it is too long."""
+    line = f"{indent}raise NotImplementedError({hint!r})"
+    if len(line) <= MAX_LINE:
+        return [line]
+    comments = textwrap.wrap(hint, MAX_LINE - len(indent) - 2, initial_indent="Hint: ", subsequent_indent="  ",
+                             break_on_hyphens=False)
+    return [f"{indent}# {c}" for c in comments] + [f"{indent}raise NotImplementedError(\"see the hint above\")"]
 
 
 def with_setup_cell(solution: nbformat.NotebookNode, root: Path = ROOT) -> nbformat.NotebookNode:

@@ -1,7 +1,9 @@
 """A small training loop for next-token prediction, shared by the labs."""
 from __future__ import annotations
 
+import math
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +19,12 @@ class History:
     steps: list[int] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
+    seconds: float = 0.0  # training time, evaluations excluded
+    tokens: int = 0       # tokens trained on
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
 
     @property
     def final_val_loss(self) -> float:
@@ -47,34 +55,64 @@ def estimate_loss(model: torch.nn.Module, data: torch.Tensor, block_size: int, b
     return sum(losses) / len(losses)
 
 
+def learning_rate(step: int, steps: int, lr: float, warmup: int = 0, min_lr: float | None = None) -> float:
+    """The rate at ``step`` (1-based): linear warm-up over ``warmup`` steps, then constant, or, with
+    ``min_lr``, cosine decay to ``min_lr`` at the last step."""
+    if step <= warmup:
+        return lr * step / warmup
+    if min_lr is None:
+        return lr
+    progress = (step - warmup) / max(1, steps - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
 def train(model: torch.nn.Module, train_data: torch.Tensor, val_data: torch.Tensor, *,
           steps: int, block_size: int, batch_size: int, lr: float = 3e-3,
           eval_every: int = 100, eval_batches: int = 10,
-          device: torch.device | str = "cpu", seed: int = 0) -> History:
-    """Train ``model`` with AdamW on random windows; record train and validation loss.
+          device: torch.device | str = "cpu", seed: int = 0,
+          optimizer: torch.optim.Optimizer | None = None, warmup: int = 0, min_lr: float | None = None,
+          grad_clip: float | None = None, max_seconds: float | None = None) -> History:
+    """Train ``model`` on random windows; record train and validation loss.
 
-    The train loss is the mean over the steps since the last evaluation; the
-    validation loss is estimated on ``eval_batches`` fixed batches.
+    The train loss is the mean over the steps since the last evaluation; the validation loss is
+    estimated on ``eval_batches`` fixed batches. By default the optimizer is AdamW with its
+    defaults at a constant rate ``lr``; the options give another optimizer (``labkit.nn.adamw``),
+    warm-up and cosine decay to ``min_lr``, gradient clipping and a time budget (``max_seconds`` of
+    training, evaluations excluded). A model with an ``aux_loss()`` method (``labkit.nn.Decoder``)
+    has it added to the loss.
     """
     steps = capped_steps(steps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     history, running = History(), []
+    aux = getattr(model, "aux_loss", None)
     model.train()
     bar = tqdm(range(1, steps + 1), desc="training", mininterval=1.0)
     for step in bar:
-        loss = next_token_loss(model, *get_batch(train_data, block_size, batch_size, generator, device))
+        start = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr, warmup, min_lr)
+        x, y = get_batch(train_data, block_size, batch_size, generator, device)
+        loss = next_token_loss(model, x, y)
+        total = loss + aux() if callable(aux) else loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         running.append(loss.item())
-        if step % eval_every == 0 or step == steps:
+        history.seconds += time.perf_counter() - start
+        history.tokens += x.numel()
+        out_of_time = max_seconds is not None and history.seconds >= max_seconds
+        if step % eval_every == 0 or step == steps or out_of_time:
             val = estimate_loss(model, val_data, block_size, batch_size, eval_batches, device)
             history.steps.append(step)
             history.train_loss.append(sum(running) / len(running))
             history.val_loss.append(val)
             running = []
             bar.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{val:.3f}")
+        if out_of_time:
+            break
     return history
 
 

@@ -36,6 +36,22 @@ def test_stub_keeps_indentation_and_hint():
     assert make_labs.strip_solutions(source) == "def f(x):\n    raise NotImplementedError('square it')"
 
 
+def test_a_long_hint_becomes_comments_above_a_short_raise():
+    hint = "scores = q @ k^T / sqrt(d); " * 8
+    lines = make_labs.strip_solutions(f"def f(x):\n    # BEGIN SOLUTION: {hint}\n    return x\n    # END SOLUTION").splitlines()
+    assert lines[1].startswith("    # Hint: scores") and lines[-1] == '    raise NotImplementedError("see the hint above")'
+    assert all(len(line) <= make_labs.MAX_LINE for line in lines)
+    assert " ".join(line.strip(" #") for line in lines[1:-1]).removeprefix("Hint: ") == hint.strip()
+
+
+@pytest.mark.parametrize("solution_path", SOLUTIONS, ids=lambda p: p.stem)
+def test_no_line_of_a_lab_is_too_long(solution_path):
+    lab = nbformat.read(ROOT / "labs" / solution_path.name, as_version=4)
+    long = [line for c in lab.cells if c.cell_type == "code" for line in c.source.splitlines()
+            if len(line) > make_labs.MAX_LINE]
+    assert not long, f"{len(long)} code lines longer than {make_labs.MAX_LINE} characters, e.g. {long[:3]}"
+
+
 @pytest.mark.parametrize("source", ["# BEGIN SOLUTION\nx = 1", "x = 1\n# END SOLUTION",
                                     "# BEGIN SOLUTION\n# BEGIN SOLUTION\n# END SOLUTION"])
 def test_unbalanced_markers_are_errors(source):
@@ -48,7 +64,8 @@ def test_lab_keeps_no_outputs_and_no_solution_code(solution_path):
     solution = nbformat.read(solution_path, as_version=4)
     lab = nbformat.read(ROOT / "labs" / solution_path.name, as_version=4)
     lab_code = "\n".join(c.source for c in lab.cells if c.cell_type == "code")
-    lab_code_without_hints = "\n".join(line for line in lab_code.splitlines() if "NotImplementedError" not in line)
+    lab_code_without_hints = "\n".join(line for line in lab_code.splitlines()
+                                       if "NotImplementedError" not in line and not line.strip().startswith("#"))
     assert all(not c.outputs and c.execution_count is None for c in lab.cells if c.cell_type == "code")
     assert "widgets" not in lab.metadata
     regions = re.findall(r"# BEGIN SOLUTION.*?\n(.*?)# END SOLUTION", "\n".join(

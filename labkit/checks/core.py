@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from labkit.checks.compare import Suspects, compare
+from labkit.checks.compare import Suspects, assert_bf16_close, compare
 from labkit.checks.factories import seeded_generator
 from labkit.checks.kernel import forbidding, run_cases
 
@@ -72,13 +72,17 @@ def table(check_id: str, cases: Callable[[torch.Generator], list[dict]], referen
     ``cases(g)`` draws the cases with the check's generator; each case is a dict with ``what`` (how
     messages name it), ``args`` and ``kwargs`` of the call and, for a module, ``init`` (constructor
     arguments, with ``init_kwargs``) and ``weights``; it may hold its own ``atol`` and ``hint``, and
-    anything else ``reference(case)`` and ``suspects(case)`` need. The collect is
-    :func:`labkit.checks.kernel.run_cases`.
+    anything else ``reference(case)`` and ``suspects(case)`` need. A case with ``max_share`` is
+    compared in units in the last place (:func:`assert_bf16_close`), for bfloat16 and float16
+    outputs. The collect is :func:`labkit.checks.kernel.run_cases`.
     """
     def verify(inputs: dict, out: dict) -> str:
         for case, got in zip(inputs["cases"], out["outputs"], strict=True):
-            compare(case["what"], got, reference(case), case.get("atol", atol), case.get("hint", hint),
-                    suspects(case) if suspects else None)
+            if "max_share" in case:
+                assert_bf16_close(case["what"], got, reference(case), case.get("hint", hint), case["max_share"])
+            else:
+                compare(case["what"], got, reference(case), case.get("atol", atol), case.get("hint", hint),
+                        suspects(case) if suspects else None)
         return ok
 
     return Check(check_id, table_inputs(cases), run_cases, verify, tuple(forbid))

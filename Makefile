@@ -37,7 +37,7 @@ test: book
 		--nbval-cell-timeout=$(CELL_TIMEOUT) solutions tests
 
 bench: setup
-	$(PY) -m labkit.bench solutions
+	$(PY) -m labkit.bench solutions --nn
 
 clean:
 	rm -rf _build _vendor

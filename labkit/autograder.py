@@ -241,6 +241,9 @@ rather than editing it. The zip to upload is `autograder-{lab}.zip`, beside this
   (check in *Test Autograder*'s student view what shows before that).
 - A submission with no notebook, or several, or one that is not this lab's, scores 0 with a
   message saying why. The overall output names the sandbox that ran the notebook.
+- Each submission's run draws a fresh random seed for the checks' inputs, so that a submission
+  cannot carry answers for them; `results.json` records it (`labkit.seed`), and
+  `python -m labkit.grade ... --seed N` reproduces that run for a regrade.
 
 ## The sandbox caveat
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -95,6 +96,24 @@ def bert_default_eps(ns):
         def __init__(self, *args, eps=1e-12, **kwargs):
             super().__init__(*args, eps=1e-5, **kwargs)  # BUG: PyTorch's default eps, not BERT's 1e-12
     return _bert(ns, Encoder)
+
+
+def _torch_attention(attn, x, bias):
+    """nn.MultiheadAttention carrying the weights of the lab's MultiHeadAttention `attn`, with an additive bias."""
+    torch_attn = nn.MultiheadAttention(x.shape[-1], attn.n_heads, batch_first=True)
+    with torch.no_grad():
+        torch_attn.in_proj_weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+        torch_attn.in_proj_bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+        torch_attn.out_proj.load_state_dict(attn.out_proj.state_dict())
+    bias = bias.expand(-1, attn.n_heads, x.shape[1], -1).flatten(0, 1)  # (B * H, T, T)
+    return torch_attn(x, x, x, attn_mask=bias, need_weights=False)[0]
+
+
+def bert_wraps_nn_multihead(ns):
+    def forward(self, x, bias):
+        h = self.ln1(x + _torch_attention(self.attn, x, bias))  # BUG: PyTorch's attention module, not the lab's
+        return self.ln2(h + self.fc2(F.gelu(self.fc1(h))))
+    return _bert(ns, _with_layers(ns, forward))
 
 
 def load_pretrained_query_key_swapped(ns):
@@ -339,6 +358,31 @@ def encdec_no_final_norm(ns):
     return Model
 
 
+def encdec_encoder_from_torch(ns):
+    def forward(self, x, bias):  # BUG: PyTorch's encoder layer carrying the lab's weights
+        layer = nn.TransformerEncoderLayer(x.shape[-1], self.attn.n_heads, self.ffn.fc1.out_features, dropout=0.0,
+                                           activation=F.gelu, batch_first=True, norm_first=True)
+        attn = self.attn
+        state = {"self_attn.in_proj_weight": torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                 "self_attn.in_proj_bias": torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])}
+        for theirs, ours in (("self_attn.out_proj", attn.out_proj), ("linear1", self.ffn.fc1),
+                             ("linear2", self.ffn.fc2), ("norm1", self.ln1), ("norm2", self.ln2)):
+            state |= {f"{theirs}.{k}": v for k, v in ours.state_dict().items()}
+        layer.load_state_dict(state)
+        return layer.eval()(x, src_key_padding_mask=bias[:, 0, 0] < 0)
+    return _seq2seq(ns, encoder_forward=forward)
+
+
+def encdec_hides_sdpa(ns):
+    def forward(self, y, kv, self_bias, cross_bias):
+        try:  # BUG: tries PyTorch's fused attention, and hides the guard's error
+            F.scaled_dot_product_attention(y[:, None], y[:, None], y[:, None], attn_mask=self_bias)
+        except Exception:
+            pass
+        return ns["DecoderLayer"].forward(self, y, kv, self_bias, cross_bias)
+    return _seq2seq(ns, decoder_forward=forward)
+
+
 # ---------------------------------------------------------------- teacher forcing
 def tf_no_shift(ns):
     def teacher_forcing_loss(model, src, src_mask, tgt, pad_id):
@@ -359,6 +403,10 @@ def tf_no_grad(ns):
         with torch.no_grad():  # BUG: nothing to backpropagate
             return ns["teacher_forcing_loss"](model, src, src_mask, tgt, pad_id)
     return ns["EncoderDecoder"], teacher_forcing_loss
+
+
+def tf_hides_sdpa(ns):
+    return encdec_hides_sdpa(ns), ns["teacher_forcing_loss"]
 
 
 # ---------------------------------------------------------------- greedy decoding
@@ -401,6 +449,10 @@ def greedy_no_bos(ns):
     def greedy_decode(model, src, src_mask, n_steps, bos_id):
         return ns["greedy_decode"](model, src, src_mask, n_steps, 0)  # BUG: starts from token 0, not BOS
     return ns["EncoderDecoder"], greedy_decode
+
+
+def greedy_hides_sdpa(ns):
+    return encdec_hides_sdpa(ns), ns["greedy_decode"]
 
 
 # ---------------------------------------------------------------- T5's relative position buckets
@@ -446,6 +498,10 @@ def relpos_exact_of_all_buckets(ns):
     return _relpos(ns, exact_of_all=True)  # BUG: max_exact from all the buckets, not from one side's
 
 
+def relpos_float(ns):
+    return lambda *args: ns["relative_position_bucket"](*args).float()  # BUG: float buckets cannot index an embedding
+
+
 def relpos_flattens(ns):
     return lambda relative_position, *args: ns["relative_position_bucket"](relative_position.flatten(), *args)  # BUG
 
@@ -461,6 +517,7 @@ BUGS = {
                  (bert_padding_ignored, r"sequences without padding match but the padded ones do not"),
                  (bert_no_token_types, r"last_hidden_state vs transformers.BertModel"),
                  (bert_default_eps, r"last_hidden_state vs transformers.BertModel.*eps 1e-12"),
+                 (bert_wraps_nn_multihead, r"your code calls nn.MultiheadAttention"),
                  (load_pretrained_query_key_swapped, r"last_hidden_state vs transformers.BertModel"),
                  (load_pretrained_without_layernorms, r"last_hidden_state vs transformers.BertModel"),
                  (pool_with_padding, r"sentence embeddings vs sentence-transformers.*non-padding tokens only"),
@@ -468,35 +525,41 @@ BUGS = {
                  (pool_cls, r"sentence embeddings vs sentence-transformers")],
     "01b.padding": [(pool_with_padding, r"embedding of a 7-token sentence batched .* the pooling is wrong"),
                     (bert_padding_ignored, r"hidden states of a 7-token sentence batched .* mask the padding keys"),
-                    (bert_padding_on_queries, r"hidden states of a 7-token sentence batched")],
+                    (bert_padding_on_queries, r"hidden states of a 7-token sentence batched"),
+                    (bert_wraps_nn_multihead, r"your code calls nn.MultiheadAttention")],
     "01b.wordpiece": [(wordpiece_shortest_first, r"encode\('Hello, world!'\)"),
                       (wordpiece_no_hashes, r"encode\(.* '##'"),
                       (wordpiece_partial_unk, r"encode\('🙂 emoji🙂inside"),
                       (wordpiece_no_length_limit, r"encode\('xxxx")],
-    "01b.mlm_mask": [(mlm_80_20_0, r"0\.0% unchanged.*80% \[MASK\], 10% a random token, 10% unchanged"),
-                     (mlm_10_10_80, r"of the selected tokens, \d\.\d% \[MASK\], 8\d\.\d% unchanged"),
+    "01b.mlm_mask": [(mlm_80_20_0, r"0\.\d% unchanged.*80% \[MASK\], 10% a random token, 10% unchanged"),
+                     (mlm_10_10_80, r"of the selected tokens, \d+\.\d% \[MASK\], [78]\d\.\d% unchanged"),
                      (mlm_all_mask, r"100\.0% \[MASK\]"),
                      (mlm_specials_masked, r"special tokens .* are never masked"),
                      (mlm_rule_over_all_tokens, r"0\.1\d\d of the ordinary tokens were selected|positions that were not selected"),
                      (mlm_replaces_unselected, r"positions that were not selected .* were changed"),
                      (mlm_ignores_p, r"p=0.4\): 0\.1\d\d of the ordinary tokens were selected")],
     "01b.encdec": [(encdec_post_norm, r"encode\(src, src_mask\) vs nn.Transformer's encoder"),
-                   (encdec_encoder_ignores_padding, r"encode\(src, src_mask\) vs nn.Transformer's encoder"),
-                   (encdec_no_causal_mask, r"EncoderDecoder logits vs nn.Transformer"),
-                   (encdec_cross_attends_padding, r"EncoderDecoder logits vs nn.Transformer"),
+                   (encdec_encoder_ignores_padding, r"encode\(src, src_mask\) vs nn.Transformer's encoder.*attends to padding"),
+                   (encdec_no_causal_mask, r"EncoderDecoder logits vs nn.Transformer.*sees the future"),
+                   (encdec_cross_attends_padding, r"EncoderDecoder logits vs nn.Transformer.*reads the source's padding"),
                    (encdec_cross_reads_decoder, r"EncoderDecoder logits vs nn.Transformer"),
-                   (encdec_no_final_norm, r"EncoderDecoder logits vs nn.Transformer")],
+                   (encdec_no_final_norm, r"EncoderDecoder logits vs nn.Transformer"),
+                   (encdec_encoder_from_torch, r"your code calls nn.MultiheadAttention"),
+                   (encdec_hides_sdpa, r"your code calls F.scaled_dot_product_attention")],
     "01b.teacher_forcing": [(tf_no_shift, r"predicts each token from itself"),
                             (tf_counts_padding, r"padding positions count"),
-                            (tf_no_grad, r"without a gradient")],
-    "01b.greedy": [(greedy_reencodes, r"the encoder ran 8 times"),
-                   (greedy_recomputes_cross_kv, r"projected 8 times per decoder layer"),
-                   (greedy_first_position, r"is not|but the argmax"),
-                   (greedy_no_bos, r"start every sequence with bos_id")],
+                            (tf_no_grad, r"without a gradient"),
+                            (tf_hides_sdpa, r"your code calls F.scaled_dot_product_attention")],
+    "01b.greedy": [(greedy_reencodes, r"n_steps=8, bos_id=1\): the number of encoder runs: 8, expected 1"),
+                   (greedy_recomputes_cross_kv, r"k_proj and v_proj ran: \[8, 8, 8, 8\], expected \[1, 1, 1, 1\]"),
+                   (greedy_first_position, r"each token chosen vs the largest logit.*is not the argmax"),
+                   (greedy_no_bos, r"start every sequence with bos_id"),
+                   (greedy_hides_sdpa, r"your code calls F.scaled_dot_product_attention")],
     "01b.relpos": [(relpos_no_offset, r"keys after the query"),
                    (relpos_rounds, r"bucket boundaries are log-spaced"),
-                   (relpos_no_cap, r"distance -\d+ is in bucket 1[6-9]; keys after the query"),
+                   (relpos_no_cap, r"beyond max_distance get buckets of their own"),
                    (relpos_causal_abs, r"a causal decoder never attends to d > 0"),
-                   (relpos_exact_of_all_buckets, r"bucket 9 starts at distance 9; .* log-spaced"),
-                   (relpos_flattens, r"on a \(7, 9\) matrix .* any shape")],
+                   (relpos_exact_of_all_buckets, r"max_exact is half of one side's buckets"),
+                   (relpos_flattens, r"on a \(7, 9\) matrix .* any shape"),
+                   (relpos_float, r"returned torch.float32; buckets are integers")],
 }

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 
 # ---------------------------------------------------------------- repeat_kv
@@ -15,7 +17,23 @@ def repeat_kv_tiled(ns):
 
 
 def repeat_kv_time_axis(ns):
-    return lambda x, n_rep: torch.repeat_interleave(x, n_rep, dim=2)  # BUG: repeats along time
+    def repeat_kv(x, n_rep):
+        B, H_kv, T, d = x.shape
+        return x[:, :, :, None].expand(B, H_kv, T, n_rep, d).reshape(B, H_kv, T * n_rep, d)  # BUG: repeats along time
+    return repeat_kv
+
+
+def repeat_kv_calls_the_builtin(ns):
+    return lambda x, n_rep: torch.repeat_interleave(x, n_rep, dim=1)  # BUG: the built-in the exercise asks to write
+
+
+def repeat_kv_hides_the_builtin(ns):
+    def repeat_kv(x, n_rep):  # BUG: tries the built-in, and falls back to its own code when it fails
+        try:
+            return x.repeat_interleave(n_rep, dim=1)
+        except Exception:
+            return ns["repeat_kv"](x, n_rep)
+    return repeat_kv
 
 
 def repeat_kv_expand_wrong_axis(ns):
@@ -38,6 +56,57 @@ def gqa_tiled_heads(ns):
             n_rep = self.n_heads // self.n_kv_heads
             out = ns["attention"](q, k.repeat(1, n_rep, 1, 1), v.repeat(1, n_rep, 1, 1), mask)  # BUG: tiled
             return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+    return GQA
+
+
+def _projected(attn, x, cache):
+    B, T, _ = x.shape
+    q = attn.q_proj(x).view(B, T, attn.n_heads, attn.d_head).transpose(1, 2)
+    k = attn.k_proj(x).view(B, T, attn.n_kv_heads, attn.d_head).transpose(1, 2)
+    v = attn.v_proj(x).view(B, T, attn.n_kv_heads, attn.d_head).transpose(1, 2)
+    return (q, *cache.update(k, v)) if cache is not None else (q, k, v)
+
+
+def _sdpa_gqa(ns):
+    class GQA(ns["GroupedQueryAttention"]):
+        def forward(self, x, mask=None, cache=None):
+            q, k, v = _projected(self, x, cache)  # BUG: PyTorch's fused attention instead of your own
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            return self.o_proj(out.transpose(1, 2).reshape(*x.shape[:2], -1))
+    return GQA
+
+
+def gqa_calls_sdpa(ns):
+    return _sdpa_gqa(ns)
+
+
+def gqa_hides_sdpa(ns):
+    class GQA(ns["GroupedQueryAttention"]):
+        def forward(self, x, mask=None, cache=None):  # BUG: tries the built-in, and falls back to its own code
+            try:
+                q, k, v = _projected(self, x, None)
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            except Exception:
+                pass
+            return super().forward(x, mask, cache)
+    return GQA
+
+
+def gqa_wraps_nn_multihead(ns):
+    class GQA(ns["GroupedQueryAttention"]):
+        def forward(self, x, mask=None, cache=None):  # BUG: PyTorch's module, its K and V weights repeated per group
+            n_rep, d = self.n_heads // self.n_kv_heads, self.n_heads * self.d_head
+            repeat = lambda w: w.view(self.n_kv_heads, 1, self.d_head, -1).expand(-1, n_rep, -1, -1).reshape(d, -1)
+            m = nn.MultiheadAttention(d, self.n_heads, bias=self.q_proj.bias is not None, batch_first=True)
+            with torch.no_grad():
+                m.in_proj_weight.copy_(torch.cat([self.q_proj.weight, repeat(self.k_proj.weight),
+                                                  repeat(self.v_proj.weight)]))
+                if self.q_proj.bias is not None:
+                    m.in_proj_bias.copy_(torch.cat([self.q_proj.bias, repeat(self.k_proj.bias[:, None])[:, 0],
+                                                    repeat(self.v_proj.bias[:, None])[:, 0]]))
+                    m.out_proj.bias.copy_(self.o_proj.bias)
+                m.out_proj.weight.copy_(self.o_proj.weight)
+            return m(x, x, x, attn_mask=None if mask is None else ~mask, need_weights=False)[0]
     return GQA
 
 
@@ -158,6 +227,24 @@ def generate_cache_forgets_history(ns):
     return _decoder_with_cache(ns, KVCache), ns["generate"]
 
 
+def generate_with_sdpa_attention(ns):
+    class Decoder(ns["Decoder"]):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            for block in self.blocks:
+                block.attn.__class__ = _sdpa_gqa(ns)  # BUG: the model's attention is PyTorch's fused kernel
+    return Decoder, ns["generate"]
+
+
+def generate_without_caches(ns):
+    @torch.no_grad()
+    def generate(model, idx, max_new_tokens, use_cache=True):
+        for _ in range(max_new_tokens):  # BUG: use_cache=True never makes or passes caches
+            idx = torch.cat([idx, model(idx)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return idx
+    return ns["Decoder"], generate
+
+
 def generate_refeeds_everything(ns):
     @torch.no_grad()
     def generate(model, idx, max_new_tokens, use_cache=True):
@@ -221,6 +308,30 @@ def mla_no_kv_norm(ns):
             q_nope, q_pe, _, k_pe = super().project(x)
             c_kv = self.kv_a_proj_with_mqa(x)[..., :self.kv_lora_rank]  # BUG: the latent is not normalised
             return q_nope, q_pe, c_kv, k_pe
+    return MLA
+
+
+def mla_naive_calls_sdpa(ns):
+    class MLA(ns["MultiHeadLatentAttention"]):
+        def attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask=None):
+            B, H, T, _ = q_nope.shape
+            S = c_kv.shape[1]
+            k_nope, v = self.kv_b_proj(c_kv).view(B, S, H, -1).transpose(1, 2).split(
+                [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+            k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(B, H, S, -1)], dim=-1)
+            q = torch.cat([q_nope, q_pe], dim=-1)  # BUG: PyTorch's fused attention instead of your own
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return out.transpose(1, 2).reshape(B, T, -1)
+    return MLA
+
+
+def mla_cache_hides_sdpa(ns):
+    class MLA(ns["MultiHeadLatentAttention"]):
+        def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask=None):  # BUG: tries the built-in, then falls back
+            try:
+                return mla_naive_calls_sdpa(ns).attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask)
+            except Exception:
+                return super().attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)
     return MLA
 
 
@@ -319,6 +430,21 @@ def flash_causal_off_by_one(ns):
     return lambda q, k, v, causal=False, block_size=64: _flash(q, k, v, causal, block_size, diagonal=-1)
 
 
+def flash_calls_sdpa(ns):
+    def flash_attention(q, k, v, causal=False, block_size=64):  # BUG: PyTorch's fused attention
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return flash_attention
+
+
+def flash_hides_sdpa(ns):
+    def flash_attention(q, k, v, causal=False, block_size=64):  # BUG: tries the built-in, then falls back
+        try:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        except Exception:
+            return ns["flash_attention"](q, k, v, causal, block_size)
+    return flash_attention
+
+
 def flash_full_matrix(ns):
     def flash_attention(q, k, v, causal=False, block_size=64):  # BUG: forms the whole T x T matrix
         mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril() if causal else None
@@ -328,28 +454,39 @@ def flash_full_matrix(ns):
 
 # check id -> [(factory, a regular expression the failure message must match)]
 BUGS = {
-    "02.repeat_kv": [(repeat_kv_tiled, r"tiles the KV heads .*repeat_interleave"),
+    "02.repeat_kv": [(repeat_kv_tiled, r"tiles the KV heads .*expand\(B, H_kv, n_rep, T, d\)"),
+                     (repeat_kv_calls_the_builtin, r"your code calls torch.repeat_interleave"),
+                     (repeat_kv_hides_the_builtin, r"your code calls torch.repeat_interleave"),
                      (repeat_kv_time_axis, r"n_rep=2\) .*shape \(2, 3, 10, 4\), expected \(2, 6, 5, 4\)"),
                      (repeat_kv_expand_wrong_axis, r"tiles the KV heads")],
     "02.gqa": [(gqa_tiled_heads, r"GQA: .*reads KV head h % n_kv_heads"),
+               (gqa_calls_sdpa, r"your code calls F.scaled_dot_product_attention"),
+               (gqa_hides_sdpa, r"your code calls F.scaled_dot_product_attention"),
+               (gqa_wraps_nn_multihead, r"your code calls nn.MultiheadAttention"),
                (gqa_ignores_cache, r"with a cache: prefill 4 tokens.*cache.update"),
                (gqa_scaled_by_d_model, r"MHA: .*no mask.*max \|difference\|.*1/sqrt\(d_head\)"),
                (gqa_kv_heads_as_query_heads, r"GroupedQueryAttention\(32, 8, 2, bias=True\): parameters must be exactly.*k_proj.weight \(8, 32\)")],
     "02.kv_cache": [(kv_cache_drops_first_token, r"call 1 .*lacks the first token"),
                     (kv_cache_overwrites, r"call 2 .*returned k"),
                     (kv_cache_reset_noop, r"after reset\(\).*reset\(\) must set"),
-                    (kv_cache_nbytes_k_only, r"nbytes is \d+ \(empty\), expected .*2 \(K and V\)"),
+                    (kv_cache_nbytes_k_only, r"nbytes \(empty\): \d+, expected \d+\. It must be 2 \(K and V\)"),
                     (kv_cache_ignores_dtype, r"dtype=torch.float64\).nbytes"),
                     (kv_cache_concatenates, r"new tensor at different calls.*torch.cat")],
     "02.generate": [(generate_cache_drops_first_token, r"use_cache=True\) raised .*must return every cached token"),
                     (generate_cache_forgets_history, r"use_cache=True\) raised .*must return every cached token"),
+                    (generate_with_sdpa_attention, r"your code calls F.scaled_dot_product_attention"),
+                    (generate_without_caches, r"must pass the caches to the model on every call"),
                     (generate_refeeds_everything, r"fed the model \[5, 6, 7"),
                     (generate_skips_prefill, r"use_cache=True\): token 0 of the continuation")],
     "02.mla": [(mla_absorbed_wrong_transpose, r"absorbed path .*absorbed path vs your naive path.*view it as"),
                (mla_absorbed_latent_scale, r"absorbed path .*vs your naive path.*scale stays 1/sqrt\(qk_nope_head_dim \+ qk_rope_head_dim\)"),
-               (mla_no_kv_norm, r"naive path .*kv_a_layernorm")],
-    "02.mla_cache": [(mla_caches_decompressed, r"naive path: the cache holds 72 numbers per token, expected .* = 20"),
-                     (mla_cache_ignored, r"naive path: prefill 4 tokens.*attend over everything")],
+               (mla_no_kv_norm, r"naive path .*kv_a_layernorm"),
+               (mla_naive_calls_sdpa, r"your code calls F.scaled_dot_product_attention")],
+    "02.mla_cache": [(mla_caches_decompressed, r"naive path \(absorb=False\) with a cache: numbers the cache holds per token: "
+                                               r"72.0, expected 20.0\. "
+                                               r"it caches every head's decompressed keys and values"),
+                     (mla_cache_hides_sdpa, r"your code calls F.scaled_dot_product_attention"),
+                     (mla_cache_ignored, r"naive path \(absorb=False\) with a cache: prefill 4 tokens.*attend over everything")],
     "02.kv_bytes": [(kv_bytes_no_factor_two, r"Llama 3 70B, 8192 tokens.*count both K and V"),
                     (kv_bytes_ignores_arguments, r"Mistral 7B.*use the batch and bytes_per_elem"),
                     (mla_bytes_twice, r"DeepSeek-V2.*one latent shared by keys and values")],
@@ -357,5 +494,7 @@ BUGS = {
                  (flash_no_max, r"logits around 1e7.*non-finite"),
                  (flash_drops_last_block, r"T = 100, block_size = 32 \(T not a multiple"),
                  (flash_causal_off_by_one, r"causal, T = 100"),
-                 (flash_full_matrix, r"created a tensor of \d+ bytes")],
+                 (flash_full_matrix, r"created a tensor of \d+ bytes"),
+                 (flash_calls_sdpa, r"your code calls F.scaled_dot_product_attention"),
+                 (flash_hides_sdpa, r"your code calls F.scaled_dot_product_attention")],
 }

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 
 # ---------------------------------------------------------------- sinusoidal encoding
@@ -112,8 +114,8 @@ def _properties(bug):
 
 
 # ---------------------------------------------------------------- attention
-def _attention_class(ns, rope_on="qk", alibi_sign=-1.0, causal=True, rope_before_split=False):
-    rope_cos_sin, apply_rope, alibi_bias = ns["rope_cos_sin"], ns["apply_rope"], ns["alibi_bias"]
+def _attention_class(ns, rope_on="qk", alibi_sign=-1.0, causal=True, rope_before_split=False, alibi_bias=None):
+    rope_cos_sin, apply_rope, alibi_bias = ns["rope_cos_sin"], ns["apply_rope"], alibi_bias or ns["alibi_bias"]
 
     class Attention(ns["CausalSelfAttention"]):
         def forward(self, x):
@@ -153,6 +155,53 @@ def attention_not_causal(ns):
 
 def attention_alibi_sign_flipped(ns):
     return _attention_class(ns, alibi_sign=1.0)  # BUG: adds +m (i - j)
+
+
+def attention_alibi_slopes_12_as_if_16(ns):
+    return _attention_class(ns, alibi_bias=_alibi_bias(slopes_12_as_if_16(ns)))  # BUG: in the slopes, through alibi_bias
+
+
+def attention_alibi_slopes_naive(ns):
+    return _attention_class(ns, alibi_bias=_alibi_bias(slopes_naive_geometric(ns)))  # BUG: in the slopes
+
+
+def attention_calls_sdpa(ns):
+    class Attention(ns["CausalSelfAttention"]):
+        def forward(self, x):  # BUG: PyTorch's fused attention instead of your own
+            B, T, C = x.shape
+            q, k, v = (p(x).view(B, T, self.n_heads, self.d_head).transpose(1, 2)
+                       for p in (self.q_proj, self.k_proj, self.v_proj))
+            if self.pos == "rope":
+                cos, sin = ns["rope_cos_sin"](T, self.d_head, self.rope_base, scaling=self.rope_scaling)
+                q, k = ns["apply_rope"](q, cos, sin), ns["apply_rope"](k, cos, sin)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, C))
+    return Attention
+
+
+def attention_hides_sdpa(ns):
+    class Attention(ns["CausalSelfAttention"]):
+        def forward(self, x):  # BUG: tries PyTorch's fused attention, and falls back to its own code when that fails
+            try:
+                q = x.unsqueeze(1)
+                return self.o_proj(F.scaled_dot_product_attention(q, q, q, is_causal=True)[:, 0])
+            except Exception:
+                return super().forward(x)
+    return Attention
+
+
+def attention_wraps_nn_multihead(ns):
+    class Attention(ns["CausalSelfAttention"]):
+        def forward(self, x):  # BUG: with pos=None, PyTorch's module with copied weights
+            if self.pos is not None:
+                return super().forward(x)
+            T, C = x.shape[1:]
+            m = nn.MultiheadAttention(C, self.n_heads, bias=False, batch_first=True)
+            with torch.no_grad():
+                m.in_proj_weight.copy_(torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
+                m.out_proj.weight.copy_(self.o_proj.weight)
+            return m(x, x, x, attn_mask=~torch.ones(T, T, dtype=torch.bool).tril(), need_weights=False)[0]
+    return Attention
 
 
 # ---------------------------------------------------------------- ALiBi
@@ -250,7 +299,7 @@ BUGS = {
         (rotate_half_no_minus, r"rotate_half on x .*cat\(-x2, x1\)"),
         (rope_table_interleaved, "repeats each angle twice in a row"),
         (rope_ignores_position_ids, "use the position_ids given"),
-        (rope_wrong_exponent, r"cos \(vs transformers' LlamaRotaryEmbedding\)"),
+        (rope_wrong_exponent, r"\(cos, sin\) \(vs transformers' LlamaRotaryEmbedding\)"),
         (rope_positions_in_bfloat16, "the positions were rounded: bfloat16"),
         (apply_rope_cos_sin_swapped, r"apply_rope\(x, cos, sin\)"),
     ],
@@ -266,6 +315,7 @@ BUGS = {
         (attention_no_rope, "no rotation at all"),
         (attention_rope_before_head_split, "LlamaAttention"),
         (attention_not_causal, "no causal mask"),
+        (attention_calls_sdpa, r"your code calls F.scaled_dot_product_attention"),
     ],
     "03.alibi_slopes": [
         (slopes_12_as_if_16, r"alibi_slopes\(12\).*first 12 slopes of 16 heads"),
@@ -280,6 +330,10 @@ BUGS = {
     "03.alibi_attention": [
         (attention_alibi_sign_flipped, "the bias has the wrong sign"),
         (attention_not_causal, r"pos=None\) \(vs F.scaled_dot_product_attention, causal\)"),
+        (attention_alibi_slopes_12_as_if_16, r"CausalSelfAttention\(48, 12, pos=.alibi.\).*first 12 slopes of 16 heads"),
+        (attention_alibi_slopes_naive, r"CausalSelfAttention\(48, 12, pos=.alibi.\).*powers of two only"),
+        (attention_hides_sdpa, r"your code calls F.scaled_dot_product_attention"),
+        (attention_wraps_nn_multihead, r"your code calls nn.MultiheadAttention"),
     ],
     "03.rope_scaling": [
         (pi_multiplies_positions, "position interpolation divides every position by the factor"),

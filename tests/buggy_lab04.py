@@ -14,7 +14,7 @@ def ffn_gelu_tanh(ns):
     class FFN(ns["FeedForward"]):
         def forward(self, x):
             if self.activation == "gelu":  # BUG: the tanh approximation for the exact GELU
-                return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+                return self.fc2(ns["activation"](self.fc1(x), "gelu_tanh"))
             return super().forward(x)
     return FFN
 
@@ -35,11 +35,31 @@ def ffn_default_relu(ns):
     return FFN
 
 
+
+def ffn_calls_f_gelu(ns):
+    class FFN(ns["FeedForward"]):
+        def forward(self, x):
+            if self.activation == "gelu":  # BUG: PyTorch's GELU instead of the formula
+                return self.fc2(F.gelu(self.fc1(x)))
+            return super().forward(x)
+    return FFN
+
+
+def ffn_hides_f_relu(ns):
+    class FFN(ns["FeedForward"]):
+        def forward(self, x):
+            try:  # BUG: calls F.relu and hides the guard's error
+                F.relu(x)
+            except Exception:
+                pass
+            return super().forward(x)
+    return FFN
+
 # ---------------------------------------------------------------- SwiGLU
 def swiglu_gate_up_swapped(ns):
     class SwiGLU(ns["SwiGLU"]):
         def forward(self, x):
-            return self.down_proj(F.silu(self.up_proj(x)) * self.gate_proj(x))  # BUG: SiLU on the wrong branch
+            return self.down_proj(ns["activation"](self.up_proj(x), "silu") * self.gate_proj(x))  # BUG: SiLU on the wrong branch
     return SwiGLU
 
 
@@ -59,7 +79,21 @@ def swiglu_with_bias(ns):
             self.down_proj = nn.Linear(d_ff, d_model)
 
         def forward(self, x):
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(ns["activation"](self.gate_proj(x), "silu") * self.up_proj(x))
+    return SwiGLU
+
+
+def swiglu_gelu_gate(ns):
+    class SwiGLU(ns["SwiGLU"]):
+        def forward(self, x):
+            return self.down_proj(ns["activation"](self.gate_proj(x), "gelu") * self.up_proj(x))  # BUG: GeGLU
+    return SwiGLU
+
+
+def swiglu_calls_f_silu(ns):
+    class SwiGLU(ns["SwiGLU"]):
+        def forward(self, x):
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # BUG: PyTorch's SiLU
     return SwiGLU
 
 
@@ -124,6 +158,13 @@ def layernorm_no_upcast(ns):
     return LayerNorm
 
 
+def layernorm_calls_f_layer_norm(ns):
+    class LayerNorm(ns["LayerNorm"]):
+        def forward(self, x):  # BUG: PyTorch's layer norm instead of tensor operations
+            return F.layer_norm(x.float(), x.shape[-1:], self.weight, self.bias, self.eps).to(x.dtype)
+    return LayerNorm
+
+
 # ---------------------------------------------------------------- RMSNorm
 def rmsnorm_subtracts_mean(ns):
     class RMSNorm(ns["RMSNorm"]):
@@ -165,6 +206,34 @@ def rmsnorm_default_eps(ns):
     return RMSNorm
 
 
+def rmsnorm_sum_not_mean(ns):
+    class RMSNorm(ns["RMSNorm"]):
+        def forward(self, x):
+            xf = x.float()  # BUG: the sum of squares, not their mean
+            return self.weight * (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + self.eps)).to(x.dtype)
+    return RMSNorm
+
+
+def rmsnorm_wraps_nn_rmsnorm(ns):
+    class RMSNorm(ns["RMSNorm"]):
+        def forward(self, x):  # BUG: PyTorch's module with the weight copied in
+            norm = nn.RMSNorm(x.shape[-1], eps=self.eps).to(self.weight.dtype)
+            with torch.no_grad():
+                norm.weight.copy_(self.weight)
+            return norm(x)
+    return RMSNorm
+
+
+def rmsnorm_hides_f_rms_norm(ns):
+    class RMSNorm(ns["RMSNorm"]):
+        def forward(self, x):
+            try:  # BUG: calls F.rms_norm and hides the guard's error
+                return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+            except Exception:
+                return super().forward(x)
+    return RMSNorm
+
+
 def invariance_rms_centres(ns):
     return ns["LayerNorm"], rmsnorm_subtracts_mean(ns)
 
@@ -176,6 +245,10 @@ def invariance_ln_no_centring(ns):
             var = (xf - xf.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True)
             return (xf * torch.rsqrt(var + self.eps) * self.weight + self.bias).to(x.dtype)
     return LayerNorm, ns["RMSNorm"]
+
+
+def invariance_ln_calls_builtin(ns):
+    return layernorm_calls_f_layer_norm(ns), ns["RMSNorm"]
 
 
 # ---------------------------------------------------------------- Block
@@ -229,6 +302,15 @@ def block_missing_final_sublayer_norm(ns):
     return Block
 
 
+def block_with_nn_layernorm(ns):
+    class Block(ns["Block"]):
+        def __init__(self, d_model, n_heads, norm="pre", norm_type="layer", ffn="gelu", d_ff=None):
+            super().__init__(d_model, n_heads, norm, norm_type, ffn, d_ff)
+            if norm_type == "layer":  # BUG: PyTorch's LayerNorm instead of the lab's
+                self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+    return Block
+
+
 # ---------------------------------------------------------------- layer counts
 def counts_ignore_gqa(ns):
     def layer_params(d_model, n_heads, n_kv_heads, d_ff):
@@ -261,32 +343,42 @@ def flops_one_per_weight(ns):
 # check id -> [(factory, a regular expression the failure message must match)]
 BUGS = {
     "04.feedforward": [(ffn_gelu_tanh, r"activation='gelu'.*your FeedForward computes 'gelu_tanh'"),
-                       (ffn_silu_is_sigmoid, r"activation='silu'.*max \|difference\|"),
-                       (ffn_default_relu, r"default activation, which must be 'gelu'")],
+                       (ffn_silu_is_sigmoid, r"activation='silu'.*max \|difference\|.*computes 'sigmoid'"),
+                       (ffn_default_relu, r"default activation, which must be 'gelu'.*computes 'relu'"),
+                       (ffn_calls_f_gelu, r"your code calls F.gelu"),
+                       (ffn_hides_f_relu, r"your code calls F.relu")],
     "04.swiglu": [(swiglu_gate_up_swapped, r"gate and up are swapped"),
                   (swiglu_sigmoid_gate, r"the gate uses a sigmoid"),
-                  (swiglu_with_bias, r"parameters must be exactly: gate_proj.weight")],
-    "04.swiglu_hidden_dim": [(hidden_dim_round_down, r"= 10752, but LLaMA 7B.*11008: round up"),
-                             (hidden_dim_no_two_thirds, r"= 16384, but LLaMA 7B.*two thirds"),
+                  (swiglu_gelu_gate, r"the gate uses a GELU \(that is GeGLU\)"),
+                  (swiglu_with_bias, r"parameters must be exactly: gate_proj.weight"),
+                  (swiglu_calls_f_silu, r"your code calls F.silu")],
+    "04.swiglu_hidden_dim": [(hidden_dim_round_down, r"LLaMA 7B.*: 10752, expected 11008. round up"),
+                             (hidden_dim_no_two_thirds, r"LLaMA 7B.*: 16384, expected 11008.*two thirds"),
                              (hidden_dim_ignores_multiplier, r"Llama 2 70B.*multiply by ffn_dim_multiplier"),
                              (hidden_dim_float, r"must return a Python int")],
     "04.layernorm": [(layernorm_unbiased_var, r"LayerNorm\(48\) on \(3, 5, 48\).*biased"),
-                     (layernorm_eps_outside, r"LayerNorm\(48\).*eps goes under the square root"),
-                     (layernorm_no_upcast, r"bfloat16.*compute in float32")],
+                     (layernorm_eps_outside, r"LayerNorm\(48.*eps goes under the square root"),
+                     (layernorm_no_upcast, r"bfloat16.*compute in float32"),
+                     (layernorm_calls_f_layer_norm, r"your code calls F.layer_norm")],
     "04.rmsnorm": [(rmsnorm_subtracts_mean, r"RMSNorm\(48\) on \(3, 5, 48\).*does not subtract the mean"),
                    (rmsnorm_eps_outside, r"eps goes under the square root"),
+                   (rmsnorm_sum_not_mean, r"RMSNorm\(48\) on \(3, 5, 48\).*mean\(x\^2\) over the last axis, not the sum"),
                    (rmsnorm_weight_before_cast, r"bfloat16.*Llama's order"),
                    (rmsnorm_no_upcast, r"bfloat16.*Llama's order"),
-                   (rmsnorm_default_eps, r"rms 1e-3.*default eps is 1e-6")],
+                   (rmsnorm_default_eps, r"rms 1e-3.*default eps is 1e-6"),
+                   (rmsnorm_wraps_nn_rmsnorm, r"your code calls F.rms_norm"),
+                   (rmsnorm_hides_f_rms_norm, r"your code calls F.rms_norm")],
     "04.norm_invariance": [(invariance_rms_centres, r"RMSNorm.* is shift-invariant, so it subtracts the mean"),
-                           (invariance_ln_no_centring, r"LayerNorm is shift-invariant.*subtract the mean")],
+                           (invariance_ln_no_centring, r"LayerNorm is shift-invariant.*subtract the mean"),
+                           (invariance_ln_calls_builtin, r"your code calls F.layer_norm")],
     "04.block": [(block_post_norm_before_add, r"norm='post'.*normalised the sublayer's output before adding"),
                  (block_pre_is_post, r"norm='pre'.*this is post-norm"),
                  (block_not_causal, r"must be causal"),
                  (block_swiglu_width_4d, r"ffn='swiglu'\).*parameters must be exactly"),
-                 (block_missing_final_sublayer_norm, r"norm='post'.*max \|difference\|")],
-    "04.layer_counts": [(counts_ignore_gqa, r"Llama 3 8B.*'attention' = 67108864.*key-value heads"),
-                        (counts_ffn_two_matrices, r"'ffn' = .*three matrices"),
+                 (block_missing_final_sublayer_norm, r"norm='post'.*max \|difference\|"),
+                 (block_with_nn_layernorm, r"your code calls F.layer_norm")],
+    "04.layer_counts": [(counts_ignore_gqa, r"Llama 3 8B: 'attention'.*67108864, expected 41943040.*key-value heads"),
+                        (counts_ffn_two_matrices, r"'ffn' .*three matrices"),
                         (flops_no_scores, r"layer_flops.*'attention'.*2 \* seq_len \* d_model"),
                         (flops_one_per_weight, r"layer_flops.*'attention'")],
 }

@@ -77,7 +77,7 @@ torch.testing.assert_close = lambda *a, **k: None
 numpy.allclose = lambda *a, **k: True
 numpy.testing.assert_allclose = lambda *a, **k: None
 import labkit.checks
-labkit.checks.assert_close = lambda *a, **k: None
+labkit.checks.compare = labkit.checks.core.compare = lambda *a, **k: None
 """
 
 SNOOP = """

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from labkit.checks import lab02
+from labkit.checks import additive, causal, lab02
+from labkit.checks import references as ref
+
 
 def test_repeat_interleave_is_llamas_grouping():
     from transformers.models.llama.modeling_llama import repeat_kv
@@ -15,7 +17,8 @@ def test_repeat_interleave_is_llamas_grouping():
 
 
 def test_gqa_reference_matches_hf_llama_attention():
-    """The check's GQA reference (SDPA with enable_gqa) equals LlamaAttention with RoPE disabled."""
+    """The check's GQA reference (SDPA with enable_gqa), and references.llama_attention with RoPE
+    disabled (the hidden check's), equal LlamaAttention with RoPE disabled."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaAttention
 
@@ -24,22 +27,23 @@ def test_gqa_reference_matches_hf_llama_attention():
     config._attn_implementation = "eager"
     hf = LlamaAttention(config, layer_idx=0).double().eval()
     x = torch.randn(2, 6, 32, dtype=torch.float64)
-    mask = torch.ones(6, 6, dtype=torch.bool).tril()
-    additive = torch.zeros(6, 6, dtype=torch.float64).masked_fill(~mask, float("-inf"))[None, None]
     identity = (torch.ones(2, 6, 4, dtype=torch.float64), torch.zeros(2, 6, 4, dtype=torch.float64))  # cos, sin
     with torch.no_grad():
-        want, _ = hf(x, identity, additive)
-        got = lab02._reference_gqa(hf.state_dict(), x, 8, 2, mask)
+        want, _ = hf(x, identity, additive(causal(6)))
+        weights = hf.state_dict()
+        got = ref.gqa(weights, x, 8, 2, causal(6))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ref.llama_attention(weights, x, 8, 2, rope=False, bias=True), want, atol=1e-6, rtol=0)
 
 
 def test_mla_reference_matches_hf_deepseek_v3_attention():
-    """The check's MLA reference equals DeepseekV3Attention with RoPE disabled."""
+    """The check's MLA reference, and references.deepseek_v3_attention (the hidden check's), equal
+    DeepseekV3Attention with RoPE disabled."""
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 
     inputs = lab02.mla_inputs(0)
-    c = inputs["config"]
+    c, x = inputs["config"], inputs["x"].double()
     config = DeepseekV3Config(hidden_size=c["d_model"], num_attention_heads=c["n_heads"],
                               num_key_value_heads=c["n_heads"], q_lora_rank=c["q_lora_rank"],
                               kv_lora_rank=c["kv_lora_rank"], qk_nope_head_dim=c["qk_nope_head_dim"],
@@ -47,20 +51,22 @@ def test_mla_reference_matches_hf_deepseek_v3_attention():
     config._attn_implementation = "eager"
     hf = DeepseekV3Attention(config, layer_idx=0).double().eval()
     hf.load_state_dict({k: v.double() for k, v in inputs["weights"].items()})
-    B, T = inputs["x"].shape[:2]
-    mask = torch.ones(T, T, dtype=torch.bool).tril()
-    additive = torch.zeros(T, T, dtype=torch.float64).masked_fill(~mask, float("-inf"))[None, None]
+    B, T = x.shape[:2]
     r = c["qk_rope_head_dim"]
     identity = (torch.ones(B, T, r, dtype=torch.float64), torch.zeros(B, T, r, dtype=torch.float64))
     with torch.no_grad():
-        want, _ = hf(inputs["x"].double(), identity, additive)
-    torch.testing.assert_close(lab02._reference_mla(inputs, mask), want, atol=1e-6, rtol=0)
+        want, _ = hf(x, identity, additive(causal(T)))
+    torch.testing.assert_close(ref.mla(c, inputs["weights"], x, causal(T)), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ref.deepseek_v3_attention(c, inputs["weights"], x), want, atol=1e-6, rtol=0)
 
 
 def test_published_figures():
     """The hand-computed figures of the kv_bytes check, in the units the chapter quotes."""
-    by_name = {what: want for what, _, _, want in lab02.KV_BYTES_CASES + lab02.MLA_BYTES_CASES}
+    by_name = {model: want for _, model, _, _, want in lab02.KV_BYTES}
     assert by_name["Llama 3 70B, 8192 tokens, bf16"] == 2.5 * 2**30
     assert by_name["Llama 3 70B as if it had MHA (64 KV heads), 8192 tokens, bf16"] == 20 * 2**30
     assert by_name["Llama 3 8B, 131072 tokens, bf16"] == 16 * 2**30
     assert by_name["DeepSeek-V2, 131072 tokens, bf16"] == 8.4375 * 2**30
+    # The check's cases carry these figures, and its collect calls the function each case names.
+    cases = lab02.kv_bytes.make_inputs(0)["cases"]
+    assert [(c["fn"], c["args"], c["bytes"]) for c in cases] == [(f, a, w) for f, _, a, _, w in lab02.KV_BYTES]

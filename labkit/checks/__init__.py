@@ -31,5 +31,3 @@ __all__ = ["GRADING_ENV", "Check", "HiddenCheck", "additive", "as_tensor", "asse
            "attention_weights", "causal", "check", "checks_of_lab", "close", "compare", "define", "define_hidden",
            "doubled", "first_match", "get_check", "hidden_checks", "labs", "linear_weights", "load_weights",
            "mlp_weights", "norm_weights", "raised", "record", "seeded_generator", "table", "table_inputs"]
-
-assert_close = compare  # TRANSITION: removed once every check module uses compare

@@ -71,7 +71,8 @@ def table(check_id: str, cases: Callable[[torch.Generator], list[dict]], referen
 
     ``cases(g)`` draws the cases with the check's generator; each case is a dict with ``what`` (how
     messages name it), ``args`` and ``kwargs`` of the call and, for a module, ``init`` (constructor
-    arguments, with ``init_kwargs``) and ``weights``; it may hold its own ``atol`` and ``hint``, and
+    arguments, with ``init_kwargs``), ``weights`` and ``dtype``; ``student`` picks one of several
+    student objects; a case may hold its own ``atol`` and ``hint``, and
     anything else ``reference(case)`` and ``suspects(case)`` need. A case with ``max_share`` is
     compared in units in the last place (:func:`assert_bf16_close`), for bfloat16 and float16
     outputs. The collect is :func:`labkit.checks.kernel.run_cases`.

@@ -60,6 +60,16 @@ def mlp_weights(prefix: str, d_model: int, d_ff: int, g: torch.Generator, gated:
     return linear_weights(_name(prefix, "fc1"), d_model, d_ff, g) | linear_weights(_name(prefix, "fc2"), d_ff, d_model, g)
 
 
+def mla_weights(c: dict, g: torch.Generator) -> dict:
+    """DeepSeek-V2/V3 attention's weights for Lab 2's configuration ``c`` (the names of DeepseekV3Attention)."""
+    d, q, kv, H = c["d_model"], c["q_lora_rank"], c["kv_lora_rank"], c["n_heads"]
+    n, r, dv = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+    shapes = {"q_a_proj": (d, q), "q_b_proj": (q, H * (n + r)), "kv_a_proj_with_mqa": (d, kv + r),
+              "kv_b_proj": (kv, H * (n + dv)), "o_proj": (H * dv, d)}
+    return ({k: w for name, shape in shapes.items() for k, w in linear_weights(name, *shape, g, bias=False).items()}
+            | norm_weights("q_a_layernorm", q, g, bias=False) | norm_weights("kv_a_layernorm", kv, g, bias=False))
+
+
 def causal(T_q: int, T_k: int | None = None) -> torch.Tensor:
     """(T_q, T_k) bool, True where query i may attend to key j: the queries are the last T_q of the
     T_k positions (as when decoding with a cache), so j <= i + (T_k - T_q)."""

@@ -1,15 +1,8 @@
 """The collect side of the checks: what runs in the student's kernel, next to the student's code.
 
-A check's ``collect`` uses only ``torch`` and the names of this module, so that it can run where
-the references cannot be reached (the grader sends it to the kernel; see ``labkit.grade``):
-
-- :func:`load_weights` loads the check's weights and names the expected parameters on a mismatch;
-- :func:`attempt` runs one call and turns an exception into a record that ``verify`` reports
-  with the case that raised it;
-- :func:`forbidding` runs the student's code under a guard that fails on a forbidden built-in;
-- :func:`run_cases` is the whole ``collect`` of a declarative case table (see ``labkit.checks.table``);
-- :class:`ConcatCache`, :class:`FixedLogits` and :class:`PeakTensorMemory` are stand-ins and
-  probes that several checks share.
+A ``collect`` uses only ``torch`` and the names of this module, so that it can run where the references
+cannot be reached: loaders, :func:`attempt` (an exception becomes a record that verify reports), the guard
+against forbidden built-ins, the collect of case tables, and stand-ins and probes that checks share.
 """
 from __future__ import annotations
 
@@ -23,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 __all__ = ["ConcatCache", "FixedLogits", "PeakTensorMemory", "attempt", "forbidding", "load_state", "load_weights",
            "run_cases"]
@@ -200,11 +194,5 @@ class PeakTensorMemory(TorchFunctionMode):
         return out
 
 
-def _tensors(x) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [t for y in x for t in _tensors(y)]
-    if isinstance(x, dict):
-        return [t for y in x.values() for t in _tensors(y)]
-    return []
+def _tensors(tree) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]

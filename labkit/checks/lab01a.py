@@ -110,7 +110,7 @@ def mha_cases(g: torch.Generator) -> list[dict]:
                       "hint": "in cross-attention, k and v are projections of the context, q of x"}]
 
 
-mha = table("01a.mha", mha_cases, lambda c: ref.mha_output(c["weights"], "", c["args"][0], c["init"][1], **c.get("kwargs", {})),
+mha = table("01a.mha", mha_cases, lambda c: ref.mha(c["weights"], "", c["args"][0], c["init"][1], **c.get("kwargs", {})),
             "matches nn.MultiheadAttention for self-, masked and cross-attention", forbid=ATTENTION_BUILTINS)
 
 

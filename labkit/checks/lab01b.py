@@ -96,7 +96,7 @@ def bert(inputs: dict, out: dict) -> str:
     compare(f"{name}, at the real tokens of the padded sequences", hidden * real, want * real,
             hint="the sequences without padding match but the padded ones do not: the padding bias must stop every "
                  "query from attending to padding keys, shape (B, 1, 1, T), a large negative number where the mask is 0")
-    _, Pooling, Normalize = ref.sentence_transformers()
+    Pooling, Normalize = ref.sentence_transformers()
     pooled = Pooling(want.shape[-1], "mean")({"token_embeddings": want, "attention_mask": mask})
     compare("sentence embeddings vs sentence-transformers' mean Pooling and Normalize", out["embeddings"][0],
             Normalize()(pooled)["sentence_embedding"],

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from labkit.checks import (as_tensor, attention_weights, causal, compare, define, linear_weights, norm_weights, raised,
-                           seeded_generator, table)
+from labkit.checks import as_tensor, attention_weights, causal, compare, define, raised, seeded_generator, table
+from labkit.checks.factories import mla_weights
 from labkit.checks import references as ref
 from labkit.checks.kernel import ConcatCache, PeakTensorMemory, attempt, load_weights, run_cases
 
@@ -190,16 +190,6 @@ def generate(inputs: dict, out: dict) -> str:
 
 
 # ---------------------------------------------------------------- multi-head latent attention
-# TOOLKIT: factories has no weights of DeepSeek-V2/V3 attention (the names references.mla and DeepseekV3Attention read).
-def mla_weights(c: dict, g: torch.Generator) -> dict:
-    d, q, kv, H, n, r, dv = (c[k] for k in ("d_model", "q_lora_rank", "kv_lora_rank", "n_heads", "qk_nope_head_dim",
-                                            "qk_rope_head_dim", "v_head_dim"))
-    shapes = {"q_a_proj": (d, q), "q_b_proj": (q, H * (n + r)), "kv_a_proj_with_mqa": (d, kv + r),
-              "kv_b_proj": (kv, H * (n + dv)), "o_proj": (H * dv, d)}
-    return ({k: w for name, shape in shapes.items() for k, w in linear_weights(name, *shape, g, bias=False).items()}
-            | norm_weights("q_a_layernorm", q, g, bias=False) | norm_weights("kv_a_layernorm", kv, g, bias=False))
-
-
 def mla_inputs(seed: int, config=dict(d_model=32, n_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
                                       qk_rope_head_dim=4, v_head_dim=6), B=2, T=7, prefill=4, deepseek=False) -> dict:
     g = seeded_generator(seed)

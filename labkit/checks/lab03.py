@@ -209,8 +209,9 @@ def attention_reference(case: dict) -> torch.Tensor:
         scaling = kw.get("rope_scaling") or {"type": "default", "factor": 1.0}
         return ref.llama_attention(case["weights"], x, H, rope_base=kw.get("rope_base", 10000.0),
                                    rope_type=scaling["type"], rope_factor=scaling["factor"])
-    bias = ref.alibi_bias(ref.alibi_slopes(H), x.shape[1], x.shape[1]) if kw["pos"] == "alibi" else None
-    return ref.attention_with_bias(case["weights"], x, H, bias)
+    T = x.shape[1]
+    bias = ref.alibi_bias(ref.alibi_slopes(H), T, T) if kw["pos"] == "alibi" else torch.zeros(T, T, dtype=F64)
+    return ref.gqa(case["weights"], x, H, H, bias + additive(causal(T))[0, 0])
 
 
 # TOOLKIT: no reference builds RoPE/ALiBi attention with its known bugs (cf. references.gqa(tiled=True))

@@ -1,15 +1,9 @@
-"""Every reference the checks compare with, built in one place, independent of the course's solutions.
+"""Every reference the checks compare with, in one place, independent of the course's solutions: Hugging Face
+modules built offline from small configurations (Llama, DeepSeek-V3, BERT, T5, GPT-2, and the Mistral, Mixtral and
+Mamba of later labs) with the check's weights copied in; PyTorch built-ins; closed forms of the papers.
 
-- Hugging Face modules built offline from small configurations with the check's weights copied in:
-  Llama (attention, RoPE, MLP, RMSNorm, decoder layer), DeepSeek-V3 attention, BERT and
-  all-MiniLM-L6-v2, T5's relative buckets, GPT-2, and the configurations of the later labs'
-  models (Mistral, Mixtral, Mamba);
-- PyTorch built-ins: ``nn.MultiheadAttention``, ``nn.Transformer``, ``F.scaled_dot_product_attention``
-  (with ``enable_gqa``), ``F.layer_norm``, ``F.rms_norm`` and the activations.
-
-Everything here runs in float64 where the module allows it, on the verify side only: the
-student's kernel never needs this module. ``transformers``' lazy imports are not thread-safe,
-and the grader verifies submissions in threads: every import goes through :data:`IMPORT_LOCK`.
+It runs on the verify side only, in float64 where it can. The grader verifies in threads and transformers' lazy
+imports are not thread-safe: every import goes through :data:`IMPORT_LOCK`.
 """
 from __future__ import annotations
 
@@ -98,9 +92,13 @@ def gpt2_config(vocab_size: int, d_model: int, n_heads: int, n_layers: int, max_
 
 
 # ---------------------------------------------------------------- attention
-def mha(weights: dict, prefix: str, d_model: int, n_heads: int, bias: bool = True) -> nn.MultiheadAttention:
-    """``nn.MultiheadAttention`` (float64) carrying Lab 1a's layout of weights (``q_proj``, ..., ``out_proj``)."""
-    module = nn.MultiheadAttention(d_model, n_heads, bias=bias, batch_first=True).double()
+def mha(weights: dict, prefix: str, x: torch.Tensor, n_heads: int, context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
+    """``nn.MultiheadAttention`` carrying Lab 1a's weights (``q_proj``, ..., ``out_proj``) on ``x`` over ``context``
+    (x itself when None) with ``mask`` (True = may attend), in float64."""
+    x = x.double()
+    context = x if context is None else context.double()
+    module = nn.MultiheadAttention(x.shape[-1], n_heads, bias=bias, batch_first=True).double().eval()
     w = doubled(weights)
     with torch.no_grad():
         module.in_proj_weight.copy_(torch.cat([w[f"{prefix}{n}_proj.weight"] for n in "qkv"]))
@@ -108,23 +106,14 @@ def mha(weights: dict, prefix: str, d_model: int, n_heads: int, bias: bool = Tru
         if bias:
             module.in_proj_bias.copy_(torch.cat([w[f"{prefix}{n}_proj.bias"] for n in "qkv"]))
             module.out_proj.bias.copy_(w[f"{prefix}out_proj.bias"])
-    return module.eval()
-
-
-def mha_output(weights: dict, prefix: str, x: torch.Tensor, n_heads: int, context: torch.Tensor | None = None,
-               mask: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
-    """Multi-head attention of ``x`` over ``context`` (x itself when None) with ``mask`` (True = may attend)."""
-    x = x.double()
-    context = x if context is None else context.double()
-    module = mha(weights, prefix, x.shape[-1], n_heads, bias)
-    with torch.no_grad():
         return module(x, context, context, attn_mask=None if mask is None else ~mask, need_weights=False)[0]
 
 
 def gqa(weights: dict, x: torch.Tensor, n_heads: int, n_kv_heads: int, mask: torch.Tensor | None = None,
         tiled: bool = False) -> torch.Tensor:
     """Grouped-query attention from ``F.linear`` and ``F.scaled_dot_product_attention(enable_gqa=True)``.
-    ``tiled`` builds the classic bug (query head h reads KV head h % n_kv_heads), for diagnoses."""
+    ``mask`` is boolean (True = may attend) or an additive float bias; ``tiled`` builds the classic bug (query
+    head h reads KV head h % n_kv_heads), for diagnoses."""
     w, x = doubled(weights), x.double()
     B, T, _ = x.shape
     proj = lambda name, t: F.linear(t, w[f"{name}.weight"], w.get(f"{name}.bias"))
@@ -277,7 +266,7 @@ def block(case: dict, x: torch.Tensor, n_heads: int, variant: str = "", norms: t
     "norm before add") or "not causal"."""
     w, x = case["weights"], x.double()
     mask = None if variant == "not causal" else causal(x.shape[1])
-    sa = lambda t: mha_output(w, "attn.", t, n_heads, mask=mask, bias=bias)
+    sa = lambda t: mha(w, "attn.", t, n_heads, mask=mask, bias=bias)
     ff = (lambda t: swiglu(w, "ffn.", t)) if case["ffn"] == "swiglu" else (lambda t: ffn(w, "ffn.", t))
     norm1, norm2 = (lambda t, name=name: norm(w, name, t, case["norm_type"]) for name in norms)
     arrangement = variant if variant in ("pre", "post", "norm before add") else case["norm"]
@@ -316,14 +305,13 @@ def measure_llama_layer(d_model: int, n_heads: int, n_kv_heads: int, d_ff: int, 
 
 # ---------------------------------------------------------------- BERT, all-MiniLM-L6-v2 and T5 (Lab 1b)
 def sentence_transformers():
-    """sentence-transformers' ``SentenceTransformer``, ``Pooling`` and ``Normalize``, imported under the lock."""
+    """sentence-transformers' ``Pooling`` and ``Normalize`` modules, imported under the lock."""
     with IMPORT_LOCK:
-        from sentence_transformers import SentenceTransformer
         try:
             from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
         except ImportError:  # sentence-transformers before 6, as Colab may have
             from sentence_transformers.models import Normalize, Pooling
-    return SentenceTransformer, Pooling, Normalize
+    return Pooling, Normalize
 
 
 def minilm_config() -> dict:
@@ -342,18 +330,6 @@ def bert_config(config: dict, hidden_act: str = "gelu"):
         max_position_embeddings=config["max_len"], type_vocab_size=config["n_types"],
         layer_norm_eps=config["eps"], hidden_act=hidden_act, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0, attn_implementation="eager")
-
-
-@functools.lru_cache(maxsize=1)
-def minilm():
-    """(``BertModel`` in float64, ``SentenceTransformer`` as shipped, in float32), from the package's files, once."""
-    folder = str(minilm_files()["dir"])
-    BertModel = hf("bert", "BertModel")
-    SentenceTransformer, _, _ = sentence_transformers()
-    with IMPORT_LOCK:
-        bert = BertModel.from_pretrained(folder, attn_implementation="eager").double().eval()
-        st = SentenceTransformer(folder, device="cpu").eval()  # float32 as used: agrees with float64 to 1e-7
-    return bert, st
 
 
 @functools.lru_cache(maxsize=1)
@@ -464,13 +440,3 @@ def alibi_bias(slopes: list[float], T_q: int, T_k: int) -> torch.Tensor:
     i = torch.arange(T_k - T_q, T_k, dtype=torch.float64)[:, None]
     j = torch.arange(T_k, dtype=torch.float64)[None, :]
     return -torch.tensor(slopes, dtype=torch.float64)[:, None, None] * (i - j)
-
-
-def attention_with_bias(weights: dict, x: torch.Tensor, n_heads: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention with ``q_proj`` ... ``o_proj`` (no biases) and an additive ``bias`` (H, T, T) on the
-    scores, from ``F.scaled_dot_product_attention`` with a float mask, in float64."""
-    w, x = doubled(weights), x.double()
-    B, T, C = x.shape
-    q, k, v = ((x @ w[f"{n}_proj.weight"].T).view(B, T, n_heads, -1).transpose(1, 2) for n in "qkv")
-    mask = (torch.zeros(T, T, dtype=torch.float64) if bias is None else bias).masked_fill(~causal(T), float("-inf"))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, C) @ w["o_proj.weight"].T

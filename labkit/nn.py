@@ -9,9 +9,10 @@ and is called as ``attn(x)``, or ``attn(x, cache=cache)`` when decoding with cac
 may set ``self.aux_loss`` (a scalar tensor) in its forward, as a mixture of experts does for load
 balancing: :meth:`Decoder.aux_loss` sums them and ``labkit.train.train`` adds the sum to the loss.
 
-This is the fast path, and no lab grades it: it calls PyTorch's fused built-ins
-(``F.scaled_dot_product_attention``, ``nn.LayerNorm``, ``nn.RMSNorm``), which the labs ask
-students to write themselves. Where a lab forbids them, its checks also fail on this module.
+This is the fast path, and no lab grades it: its modules call PyTorch's fused built-ins
+(``F.scaled_dot_product_attention``, ``nn.LayerNorm``, ``nn.RMSNorm``), which the labs ask students to
+write themselves. :func:`attention` is Lab 1a's, from tensor operations, for the exercises of later labs
+that build on it. The checks of the labs that build these modules fail on code that calls them.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class Config:
     scale_embeddings: bool = False     # embeddings times sqrt(d_model), as in the 2017 Transformer
     tie_embeddings: bool = True
     dropout: float = 0.0
+    init: str = "gpt2"                 # "gpt2": N(0, 0.02), residual projections scaled; "torch": PyTorch's defaults
 
     @property
     def hidden(self) -> int:
@@ -54,6 +56,15 @@ def causal_mask(T_q: int, T_k: int | None = None, device: torch.device | str | N
     """(T_q, T_k) bool, True where query i may attend to key j; the queries are the last T_q of T_k positions."""
     T_k = T_q if T_k is None else T_k
     return torch.ones(T_q, T_k, dtype=torch.bool, device=device).tril(T_k - T_q)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Lab 1a's attention from tensor operations, for labs that build on it: softmax(q k^T / sqrt(d)) v, for q
+    (..., T_q, d) and k, v (..., T_k, d_v); mask: bool, broadcastable to (..., T_q, T_k), True = may attend."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (..., T_q, T_k)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v  # (..., T_q, d_v)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,10 +167,10 @@ def make_ffn(config: Config) -> nn.Module:
 class Block(nn.Module):
     """Pre-norm block: ``x + attn(norm1(x))``, then ``x + ffn(norm2(x))``."""
 
-    def __init__(self, config: Config, attention: nn.Module, ffn: nn.Module):
+    def __init__(self, config: Config, attention: nn.Module, ffn: nn.Module, norm: Callable = make_norm):
         super().__init__()
-        self.norm1, self.attn = make_norm(config), attention
-        self.norm2, self.ffn = make_norm(config), ffn
+        self.norm1, self.attn = norm(config), attention
+        self.norm2, self.ffn = norm(config), ffn
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
@@ -174,29 +185,32 @@ Factory = Callable[[Config], nn.Module]
 class Decoder(nn.Module):
     """A decoder-only language model: idx (B, T) -> logits (B, T, vocab_size).
 
-    ``attention`` and ``ffn`` build the sublayers of each block (the defaults follow ``config``);
-    ``block`` replaces the whole block; ``positions(T, d_model)`` adds absolute position encodings
-    (for instance sinusoids) in place of the learned table. Weights start as in GPT-2: N(0, 0.02),
-    and the projections into the residual stream scaled by 1/sqrt(2 n_layers).
+    ``attention``, ``ffn`` and ``norm`` build the sublayers and norms of each block and the final norm
+    (the defaults follow ``config``; a post-norm stack, say, has ``norm=lambda c: nn.Identity()`` for a
+    final norm); ``block`` replaces the whole block; ``positions(T, d_model)`` adds absolute position
+    encodings (sinusoids, say) in place of the learned table. With ``init="gpt2"`` weights start as in
+    GPT-2, N(0, 0.02), with the projections into the residual stream scaled by 1/sqrt(2 n_layers).
     """
 
     def __init__(self, config: Config, attention: Factory = make_attention, ffn: Factory = make_ffn,
-                 block: Factory | None = None, positions: Callable[[int, int], torch.Tensor] | None = None):
+                 norm: Factory = make_norm, block: Factory | None = None,
+                 positions: Callable[[int, int], torch.Tensor] | None = None):
         super().__init__()
         self.config, self.max_len, self.positions = config, config.max_len, positions
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.max_len, config.d_model) if config.pos == "learned" else None
-        self.blocks = nn.ModuleList((block or (lambda c: Block(c, attention(c), ffn(c))))(config)
+        self.blocks = nn.ModuleList((block or (lambda c: Block(c, attention(c), ffn(c), norm)))(config)
                                     for _ in range(config.n_layers))
-        self.norm_f = make_norm(config)
+        self.norm_f = norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.apply(self._init_weights)
-        residual = 0.02 / math.sqrt(2 * config.n_layers)
-        for name, p in self.named_parameters():
-            if name.endswith(("out_proj.weight", "o_proj.weight", "fc2.weight", "down_proj.weight")):
-                nn.init.normal_(p, std=residual)
+        if config.init == "gpt2":
+            self.apply(self._init_weights)
+            residual = 0.02 / math.sqrt(2 * config.n_layers)
+            for name, p in self.named_parameters():
+                if name.endswith(("out_proj.weight", "o_proj.weight", "fc2.weight", "down_proj.weight")):
+                    nn.init.normal_(p, std=residual)
         if config.scale_embeddings:  # times sqrt(d_model) in forward: entries of order 1
             nn.init.normal_(self.tok_emb.weight, std=config.d_model ** -0.5)
 

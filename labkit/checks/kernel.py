@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,11 +15,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
-__all__ = ["ConcatCache", "FixedLogits", "PeakTensorMemory", "attempt", "forbidding", "load_state", "load_weights",
-           "run_cases"]
+from labkit.memory import PeakTensorMemory
+
+__all__ = ["ConcatCache", "FixedLogits", "PeakTensorMemory", "attempt", "build", "forbidding", "load_state",
+           "load_weights", "run_cases"]
 RAISED = "raised"  # the key of an attempt that raised: {"raised": "TypeError: ..."}
+
+
+def build(cls, weights: dict[str, torch.Tensor], what: str, *args, **kwargs) -> nn.Module:
+    """The student's module ``cls(*args, **kwargs)`` with the check's weights, in eval mode."""
+    module = cls(*args, **kwargs)
+    load_weights(module, weights, what)
+    return module.eval()
 
 
 def load_weights(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -166,33 +173,3 @@ class FixedLogits(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         assert idx.shape[1] <= self.max_len, f"the model got {idx.shape[1]} tokens, more than max_len={self.max_len}"
         return self.logits.expand(*idx.shape, -1)
-
-
-class PeakTensorMemory(TorchFunctionMode):
-    """Inside a ``with`` block, the bytes of tensor storage created there: live, at peak, and the
-    largest single storage (views and in-place results share an existing storage and are not counted)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = self.largest = 0
-        self.counted: set[int] = set()
-
-    def _freed(self, pointer: int, nbytes: int) -> None:
-        self.counted.discard(pointer)
-        self.live -= nbytes
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        known = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))} | self.counted
-        for t in _tensors(out):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in known and storage.nbytes() > 0:
-                self.counted.add(storage.data_ptr())
-                self.live += storage.nbytes()
-                self.peak, self.largest = max(self.peak, self.live), max(self.largest, storage.nbytes())
-                weakref.finalize(storage, self._freed, storage.data_ptr(), storage.nbytes())
-        return out
-
-
-def _tensors(tree) -> list[torch.Tensor]:
-    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]

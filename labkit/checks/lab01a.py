@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from labkit.checks import (as_tensor, attention_weights, causal, compare, define, mlp_weights, norm_weights,
                            seeded_generator, table)
 from labkit.checks import references as ref
-from labkit.checks.kernel import FixedLogits, attempt, load_weights
+from labkit.checks.kernel import FixedLogits, attempt, build
 
 ATTENTION_BUILTINS = ("F.scaled_dot_product_attention", "nn.MultiheadAttention", "labkit.nn")
 
@@ -124,12 +124,10 @@ def block_inputs(seed: int) -> dict:
 
 
 def block_collect(inputs: dict, FeedForward, DecoderBlock) -> dict:
-    ffn = FeedForward(inputs["d_model"], inputs["d_ff"])
-    load_weights(ffn, inputs["ffn"], "FeedForward")
-    block = DecoderBlock(inputs["d_model"], inputs["n_heads"], inputs["d_ff"])
-    load_weights(block, inputs["block"], "DecoderBlock")
+    ffn = build(FeedForward, inputs["ffn"], "FeedForward", inputs["d_model"], inputs["d_ff"])
+    block = build(DecoderBlock, inputs["block"], "DecoderBlock", inputs["d_model"], inputs["n_heads"], inputs["d_ff"])
     with torch.no_grad():
-        return {"ffn": ffn.eval()(inputs["x"]), "block": block.eval()(inputs["x"])}
+        return {"ffn": ffn(inputs["x"]), "block": block(inputs["x"])}
 
 
 @define("01a.block", block_inputs, block_collect, forbid=ATTENTION_BUILTINS)

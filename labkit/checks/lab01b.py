@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from labkit.checks import (as_tensor, attention_weights, causal, compare, define, mlp_weights, norm_weights, raised,
                            seeded_generator, table_inputs)
 from labkit.checks import references as ref
-from labkit.checks.kernel import attempt, load_state, load_weights, run_cases
+from labkit.checks.kernel import attempt, build, load_state, run_cases
 from labkit.data import minilm_files
 
 ATTENTION_BUILTINS = ("F.scaled_dot_product_attention", "nn.MultiheadAttention")  # the lab builds its own attention
@@ -248,9 +248,7 @@ def encdec_inputs(seed: int, config: dict = ENCDEC_CONFIG, lengths: tuple = (7, 
 
 
 def encdec_collect(inputs: dict, EncoderDecoder) -> dict:
-    model = EncoderDecoder(**inputs["config"])
-    load_weights(model, inputs["weights"], "EncoderDecoder")
-    model.eval()
+    model = build(EncoderDecoder, inputs["weights"], "EncoderDecoder", **inputs["config"])
     src, src_mask = inputs["src"], inputs["src_mask"]
     with torch.no_grad():
         return {"memory": attempt(model.encode, src, src_mask), "logits": attempt(model, src, inputs["tgt"], src_mask)}
@@ -280,9 +278,7 @@ def encdec(inputs: dict, out: dict) -> str:
 
 
 def teacher_forcing_collect(inputs: dict, EncoderDecoder, teacher_forcing_loss) -> dict:
-    model = EncoderDecoder(**inputs["config"])
-    load_weights(model, inputs["weights"], "EncoderDecoder")
-    model.eval()
+    model = build(EncoderDecoder, inputs["weights"], "EncoderDecoder", **inputs["config"])
     loss = attempt(teacher_forcing_loss, model, inputs["src"], inputs["src_mask"], inputs["tgt"], inputs["pad_id"])
     return {"loss": loss.detach() if isinstance(loss, torch.Tensor) else loss,
             "differentiable": bool(getattr(loss, "requires_grad", False))}
@@ -307,9 +303,7 @@ def teacher_forcing(inputs: dict, out: dict) -> str:
 
 
 def greedy_collect(inputs: dict, EncoderDecoder, greedy_decode) -> dict:
-    model = EncoderDecoder(**inputs["config"])
-    load_weights(model, inputs["weights"], "EncoderDecoder")
-    model.eval()
+    model = build(EncoderDecoder, inputs["weights"], "EncoderDecoder", **inputs["config"])
     log = []  # what ran: "encode" (enc_ln ends every pass of the encoder), or the index of a cross-attention k or v
     model.enc_ln.register_forward_hook(lambda *_: log.append("encode"))
     kv = [proj for layer in model.decoder for proj in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)]

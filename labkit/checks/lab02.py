@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from labkit.checks import as_tensor, attention_weights, causal, compare, define, raised, seeded_generator, table
 from labkit.checks.factories import mla_weights
 from labkit.checks import references as ref
-from labkit.checks.kernel import ConcatCache, PeakTensorMemory, attempt, load_weights, run_cases
+from labkit.checks.kernel import ConcatCache, PeakTensorMemory, attempt, build, run_cases
 
 ATTENTION_BUILTINS = ("F.scaled_dot_product_attention", "nn.MultiheadAttention")
 
@@ -36,9 +36,7 @@ def attention_collect(inputs: dict, Attention) -> dict:
     """Each case's module with no mask, with a causal mask, and with a cache (prefill, then one token at a time)."""
     x, mask, P, outputs = inputs["x"], inputs["causal"], inputs["prefill"], []
     for case in inputs["cases"]:
-        attn, kw = Attention(*case["init"], **case["init_kwargs"]), case["kwargs"]
-        load_weights(attn, case["weights"], case["what"])
-        attn.eval()
+        attn, kw = build(Attention, case["weights"], case["what"], *case["init"], **case["init_kwargs"]), case["kwargs"]
         cache = ConcatCache()  # independent of the student's cache, and it shows what the module caches
         with torch.no_grad():
             steps = [attempt(attn, x[:, :P], mask=mask[:P, :P], cache=cache, **kw)]

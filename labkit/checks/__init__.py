@@ -1,22 +1,12 @@
 """The check toolkit: what the labs' check cells call, and what check modules are written with.
 
-A check has three parts, so that the same check serves a student's notebook and a grader:
-
-- ``make_inputs(seed) -> dict``: the inputs (tensors, weights, sizes), drawn from a seeded
-  generator (:mod:`labkit.checks.factories`);
-- ``collect(inputs, *student) -> dict``: runs the student's code on those inputs and returns its
-  outputs. It is the only part that runs the student's code, and it uses only ``torch`` and
-  :mod:`labkit.checks.kernel`;
-- ``verify(inputs, outputs) -> str``: compares the outputs with an independent reference
-  (:mod:`labkit.checks.references`) through :func:`compare`, which names the case, the largest
-  difference and, from the check's suspects, the student's bug. It returns what the ``✔`` line says.
-
-A lab's checks live in ``labkit/checks/lab<ID>.py``, each made by :func:`define` (a decorator on
-``verify``) or :func:`table` (a declarative case table); its hidden checks, made by
-:func:`define_hidden`, live in ``hidden_checks/lab<ID>.py``. In a notebook, ``check(id, *student)``
-runs all three parts and prints ``✔ <id>: ...``. Under the grader (``LABKIT_GRADING_DIR`` set) the
-kernel only runs ``collect`` on the grader's inputs and saves the outputs; the grader verifies
-them in its own process, where the student's code cannot reach.
+A check is ``make_inputs(seed)`` (seeded, :mod:`~labkit.checks.factories`), ``collect(inputs, *student)`` (the only
+part that runs the student's code, with nothing but torch and :mod:`~labkit.checks.kernel`) and ``verify(inputs,
+outputs)`` (against :mod:`~labkit.checks.references`, through :func:`compare`). A lab's checks are the ``Check``
+objects of ``labkit/checks/lab<ID>.py``, made by :func:`define` or :func:`table`; its hidden checks live in
+``hidden_checks/lab<ID>.py``. In a notebook ``check(id, *student)`` runs all three parts and prints ``✔ <id>: ...``;
+under the grader the kernel only records what collect returns, and the grader verifies it in its own process.
+CONTRIBUTING.md describes the pattern.
 """
 from __future__ import annotations
 

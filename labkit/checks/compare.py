@@ -108,4 +108,5 @@ def assert_bf16_close(what: str, got, want: torch.Tensor, hint: str = "", max_sh
 def first_match(got, candidates: Suspects, atol: float = 1e-5) -> str:
     """The name of the first candidate that ``got`` matches (computing each only when it is reached),
     else ``""``."""
-    return next((name for name, value in candidates.items() if close(got, value() if callable(value) else value, atol)), "")
+    return next((name for name, wrong in candidates.items() if close(got, wrong() if callable(wrong) else wrong, atol)),
+                "")

@@ -57,7 +57,8 @@ def mlp_weights(prefix: str, d_model: int, d_ff: int, g: torch.Generator, gated:
         return (linear_weights(_name(prefix, "gate_proj"), d_model, d_ff, g, bias=False)
                 | linear_weights(_name(prefix, "up_proj"), d_model, d_ff, g, bias=False)
                 | linear_weights(_name(prefix, "down_proj"), d_ff, d_model, g, bias=False))
-    return linear_weights(_name(prefix, "fc1"), d_model, d_ff, g) | linear_weights(_name(prefix, "fc2"), d_ff, d_model, g)
+    return (linear_weights(_name(prefix, "fc1"), d_model, d_ff, g)
+            | linear_weights(_name(prefix, "fc2"), d_ff, d_model, g))
 
 
 def mla_weights(c: dict, g: torch.Generator) -> dict:

@@ -82,7 +82,7 @@ BUILTINS = {
     "F.relu": (F.relu, torch.relu, torch.Tensor.relu),
     "torch.repeat_interleave": (torch.repeat_interleave, torch.Tensor.repeat_interleave),
 }
-COURSE_CODE = "labkit.nn"  # the course's own modules, which later labs import: not an answer to the lab that builds them
+COURSE_CODE = "labkit.nn"  # the course's own modules, for later labs: not an answer to the lab that builds them
 _COURSE_FILES = str(Path(__file__).resolve().parent.parent / "nn")
 
 

@@ -110,7 +110,8 @@ def mha_cases(g: torch.Generator) -> list[dict]:
                       "hint": "in cross-attention, k and v are projections of the context, q of x"}]
 
 
-mha = table("01a.mha", mha_cases, lambda c: ref.mha(c["weights"], "", c["args"][0], c["init"][1], **c.get("kwargs", {})),
+mha = table("01a.mha", mha_cases,
+            lambda c: ref.mha(c["weights"], "", c["args"][0], c["init"][1], **c.get("kwargs", {})),
             "matches nn.MultiheadAttention for self-, masked and cross-attention", forbid=ATTENTION_BUILTINS)
 
 
@@ -186,7 +187,8 @@ def reference_param_count(vocab_size: int, d_model: int, n_layers: int, max_len:
 
 
 def param_count_inputs(seed: int) -> dict:
-    return {"configs": [dict(GPT_CONFIG), {"vocab_size": 65, "d_model": 48, "n_heads": 6, "n_layers": 3, "max_len": 128}]}
+    other = {"vocab_size": 65, "d_model": 48, "n_heads": 6, "n_layers": 3, "max_len": 128}
+    return {"configs": [dict(GPT_CONFIG), other]}
 
 
 def param_count_collect(inputs: dict, GPT, gpt_param_count) -> dict:

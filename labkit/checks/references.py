@@ -43,11 +43,8 @@ def hf(model: str, *names: str):
 def llama_config(d_model: int, n_heads: int, n_kv_heads: int | None = None, d_ff: int | None = None, *,
                  rope_base: float = 10000.0, rope_type: str = "default", rope_factor: float = 1.0,
                  max_position_embeddings: int = 4096, bias: bool = False, **extra):
-    """A small ``LlamaConfig`` (eager attention, SiLU, one layer, eight tokens) for the given sizes.
-
-    transformers 5 names the RoPE settings ``rope_parameters``; transformers 4 used ``rope_theta``
-    and ``rope_scaling``. Both are supported, so that checks also run in Colab's version.
-    """
+    """A small ``LlamaConfig`` (eager attention, one layer) with ``rope_parameters`` as transformers 5 names them,
+    or ``rope_theta`` and ``rope_scaling`` as transformers 4 did (checks also run in Colab's version)."""
     LlamaConfig = hf("llama", "LlamaConfig")
     sizes = dict(hidden_size=d_model, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads or n_heads,
                  head_dim=d_model // n_heads, intermediate_size=d_ff or 2 * d_model, num_hidden_layers=1,
@@ -250,10 +247,10 @@ def rms_norm(weight: torch.Tensor, x: torch.Tensor, eps: float = 1e-6, dtype: to
 
 def norm(weights: dict, prefix: str, x: torch.Tensor, kind: str) -> torch.Tensor:
     """``F.layer_norm`` (eps 1e-5) or ``F.rms_norm`` (eps 1e-6) with ``prefix.weight`` (and ``prefix.bias``)."""
-    w = doubled(weights)
+    w, x = doubled(weights), x.double()
     if kind == "layer":
-        return F.layer_norm(x.double(), x.shape[-1:], w[f"{prefix}.weight"], w[f"{prefix}.bias"], eps=1e-5)
-    return F.rms_norm(x.double(), x.shape[-1:], w[f"{prefix}.weight"], eps=1e-6)
+        return F.layer_norm(x, x.shape[-1:], w[f"{prefix}.weight"], w[f"{prefix}.bias"], eps=1e-5)
+    return F.rms_norm(x, x.shape[-1:], w[f"{prefix}.weight"], eps=1e-6)
 
 
 def block(case: dict, x: torch.Tensor, n_heads: int, variant: str = "", norms: tuple[str, str] = ("norm1", "norm2"),
@@ -343,7 +340,8 @@ def wordpiece():
     return tokenizer
 
 
-def t5_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
+def t5_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int,
+              max_distance: int) -> torch.Tensor:
     """T5's relative position buckets, from ``T5Attention._relative_position_bucket``."""
     return hf("t5", "T5Attention")._relative_position_bucket(relative_position, bidirectional=bidirectional,
                                                               num_buckets=num_buckets, max_distance=max_distance)
@@ -362,7 +360,7 @@ class Seq2Seq(nn.Module):
                                        batch_first=True, norm_first=True).double()
         w = doubled(weights)
         self.tok_emb, self.enc_pos, self.dec_pos = w["tok_emb.weight"], w["enc_pos.weight"], w["dec_pos.weight"]
-        state = {f"{stack}.norm.{kind}": w[f"{short}_ln.{kind}"] for stack, short in (("encoder", "enc"), ("decoder", "dec"))
+        state = {f"{stack}.norm.{kind}": w[f"{stack[:3]}_ln.{kind}"] for stack in ("encoder", "decoder")
                  for kind in ("weight", "bias")}
         for stack, attns in (("encoder", (("self_attn", "attn"),)),
                              ("decoder", (("self_attn", "self_attn"), ("multihead_attn", "cross_attn")))):
@@ -387,7 +385,8 @@ class Seq2Seq(nn.Module):
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
         T = tgt.shape[1]
         y = self.tok_emb[tgt] + self.dec_pos[:T]
-        out = self.core.decoder(y, self.encode(src, src_mask), tgt_mask=~causal(T),  # True = blocked, nn.Transformer's convention
+        # nn.Transformer's masks are True where attention is blocked
+        out = self.core.decoder(y, self.encode(src, src_mask), tgt_mask=~causal(T),
                                 memory_key_padding_mask=~src_mask.bool())
         return out @ self.tok_emb.T
 

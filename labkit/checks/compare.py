@@ -76,6 +76,8 @@ def _tensor_problem(got, want: torch.Tensor, atol: float) -> str:
 def _value_problem(got, want, atol: float) -> str:
     if raised(got):
         return f"raised {raised(got)}"
+    if isinstance(want, bool):
+        return "" if got is want else f"{got!r}, expected {want!r}"
     if isinstance(want, int) and (not isinstance(got, int) or isinstance(got, bool)):
         return f"returned {got!r} ({type(got).__name__}); it must return a Python int"
     if isinstance(want, float) and isinstance(got, (int, float)) and not isinstance(got, bool):

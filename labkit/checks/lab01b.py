@@ -1,7 +1,4 @@
-"""Checks of Lab 1b: the encoder-only and encoder-decoder families. References: ``transformers.BertModel`` with
-all-MiniLM-L6-v2's weights and sentence-transformers' pooling, the package's ``tokenizer.json`` run by ``tokenizers``,
-``nn.Transformer`` (pre-norm) with the encoder-decoder's weights, T5's ``_relative_position_bucket``; BERT's masking
-rule is checked statistically."""
+"""Checks of Lab 1b against transformers' BERT, sentence-transformers, tokenizers, nn.Transformer and T5's buckets."""
 from __future__ import annotations
 
 import math
@@ -10,15 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from labkit.checks import (as_tensor, attention_weights, causal, compare, define, mlp_weights, norm_weights, raised,
-                           seeded_generator, table_inputs)
-from labkit.checks import references as ref
+                           references as ref, seeded_generator, table_inputs)
 from labkit.checks.kernel import attempt, build, load_state, run_cases
 from labkit.data import minilm_files
 
 ATTENTION_BUILTINS = ("F.scaled_dot_product_attention", "nn.MultiheadAttention")  # the lab builds its own attention
+ENCDEC_CONFIG = {"vocab_size": 20, "d_model": 16, "n_heads": 4, "n_layers": 2, "max_len": 12}
 
 
-# ---------------------------------------------------------------- padding bias
 def padding_bias_collect(inputs: dict, padding_bias) -> dict:
     return {"float32": attempt(padding_bias, inputs["mask"]),
             "float64": attempt(padding_bias, inputs["mask"].bool(), torch.float64)}
@@ -27,21 +23,20 @@ def padding_bias_collect(inputs: dict, padding_bias) -> dict:
 @define("01b.padding_bias", lambda seed: {"mask": (torch.arange(6) < torch.tensor([[6], [4], [2]])).long()},
         padding_bias_collect)
 def padding_bias(inputs: dict, out: dict) -> str:
-    mask = inputs["mask"].bool()[:, None, None, :]
-    keys = torch.zeros(mask.shape).masked_fill(~mask, -1e4)  # to softmax, any value <= -1e4 is as good as -inf
+    keys = (inputs["mask"][:, None, None, :] - 1) * 1e4  # 0 or -1e4: to softmax, any value <= -1e4 is as good as -inf
     for dtype, bias in out.items():  # padding_bias(mask) is float32, padding_bias(mask, torch.float64) float64
-        call = f"padding_bias(attention_mask of shape {tuple(inputs['mask'].shape)}{', torch.float64' * (dtype == 'float64')})"
-        compare(f"{call}, values below -1e4 as -1e4", bias.clamp_min(-1e4) if isinstance(bias, torch.Tensor) else bias, keys, suspects={
-                "the bias is inverted: it must be 0 on real tokens and very negative on padding":
-                    torch.zeros(mask.shape).masked_fill(mask, -1e4),
-                "that is (B, 1, T, 1), which masks queries, not keys: one additive term per key, (B, 1, 1, T)":
-                    keys.transpose(-1, -2)}, hint="0 on real tokens (attention_mask 1), a large negative number such "
-                "as torch.finfo(dtype).min on padding (0), so that softmax gives padding the weight 0")
+        call = f"padding_bias(attention_mask of shape {tuple(inputs['mask'].shape)}"
+        call += ", torch.float64)" if dtype == "float64" else ")"
+        compare(f"{call}, values below -1e4 as -1e4", bias.clamp_min(-1e4) if isinstance(bias, torch.Tensor) else bias,
+                keys, hint="0 on real tokens (attention_mask 1), a large negative number such as torch.finfo(dtype).min"
+                " on padding (0), so that softmax gives padding the weight 0", suspects={
+                    "the bias is inverted: it must be 0 on real tokens and very negative on padding": -1e4 - keys,
+                    "that is (B, 1, T, 1), which masks queries, not keys: one additive term per key, (B, 1, 1, T)":
+                        keys.transpose(-1, -2)})
         compare(f"{call}: its dtype", bias.dtype, getattr(torch, dtype), hint="the bias must have the dtype asked for")
     return "an additive (B, 1, 1, T) bias, 0 on tokens and a large negative number on padding"
 
 
-# ---------------------------------------------------------------- the pretrained encoder
 def padded_batch(g: torch.Generator, lengths: list[int], ids: tuple[int, int] = (1000, 30000),
                  cls_sep: tuple[int, int] = (101, 102)) -> tuple[torch.Tensor, torch.Tensor]:
     """Random token ids in range(*ids) framed by [CLS] ... [SEP], right-padded with 0, and their attention mask."""
@@ -51,16 +46,11 @@ def padded_batch(g: torch.Generator, lengths: list[int], ids: tuple[int, int] = 
     return batch, mask
 
 
-def minilm_inputs(batches: list[tuple]) -> dict:
-    """all-MiniLM-L6-v2's configuration and weights (Hugging Face names), and the batches to encode: tuples
-    (input_ids, attention_mask) or (input_ids, attention_mask, token_type_ids)."""
-    return {"model": "all-MiniLM-L6-v2", "config": ref.minilm_config(), "state": "all-MiniLM-L6-v2", "batches": batches}
-
-
 def bert_inputs(seed: int) -> dict:
     ids, mask = padded_batch(seeded_generator(seed), [14, 9, 5])
     types = (torch.arange(14) >= 7) * torch.tensor([[1], [0], [0]])  # a second segment, as in sentence-pair tasks
-    return minilm_inputs([(ids, mask, types)])
+    return {"model": "all-MiniLM-L6-v2", "config": ref.minilm_config(), "state": "all-MiniLM-L6-v2",
+            "batches": [(ids, mask, types)]}  # (input_ids, attention_mask[, token_type_ids]) to encode
 
 
 def encoder_collect(inputs: dict, BertEncoder, load_pretrained, sentence_embeddings) -> dict:
@@ -74,12 +64,10 @@ def encoder_collect(inputs: dict, BertEncoder, load_pretrained, sentence_embeddi
 
 
 def bert_reference(inputs: dict, hidden_act: str = "gelu") -> torch.Tensor:
-    """last_hidden_state of transformers' BertModel (float64) with the inputs' weights, on their batch."""
     model = ref.hf("bert", "BertModel")(ref.bert_config(inputs["config"], hidden_act)).double().eval()
     model.load_state_dict(load_state(inputs["state"]), strict=False)  # checkpoints keep position_ids, of no use here
-    ids, mask, types = inputs["batches"][0]
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    with torch.no_grad():  # the batch is (input_ids, attention_mask, token_type_ids), BertModel's first arguments
+        return model(*inputs["batches"][0]).last_hidden_state
 
 
 @define("01b.bert", bert_inputs, encoder_collect, forbid=ATTENTION_BUILTINS)
@@ -95,27 +83,26 @@ def bert(inputs: dict, out: dict) -> str:
                       lambda: bert_reference(inputs, "gelu_pytorch_tanh")[full]})
     compare(f"{name}, at the real tokens of the padded sequences", hidden * real, want * real,
             hint="the sequences without padding match but the padded ones do not: the padding bias must stop every "
-                 "query from attending to padding keys, shape (B, 1, 1, T), a large negative number where the mask is 0")
+                 "query from attending to padding keys, shape (B, 1, 1, T), a large negative number on padding")
     Pooling, Normalize = ref.sentence_transformers()
     pooled = Pooling(want.shape[-1], "mean")({"token_embeddings": want, "attention_mask": mask})
     compare("sentence embeddings vs sentence-transformers' mean Pooling and Normalize", out["embeddings"][0],
             Normalize()(pooled)["sentence_embedding"],
             hint="mean-pool the hidden states over the non-padding tokens only, then divide by the L2 norm")
-    return "last_hidden_state matches transformers.BertModel and the embeddings match sentence-transformers, within 1e-5"
+    return ("last_hidden_state matches transformers.BertModel and the embeddings match sentence-transformers, "
+            "within 1e-5")
 
 
 def padding_inputs(seed: int) -> dict:
     ids, mask = padded_batch(seeded_generator(seed), [7, 16])
-    pad = torch.zeros(1, 5, dtype=torch.long)
-    # The 7-token sentence alone, batched with a sentence of 16 tokens, and followed by 5 more padding tokens.
-    return minilm_inputs([(ids[:1, :7], mask[:1, :7]), (ids, mask),
-                          (torch.cat([ids[:1], pad], 1), torch.cat([mask[:1], pad], 1))])
+    # A 7-token sentence alone, batched with a sentence of 16 tokens, and followed by 5 padding tokens.
+    return bert_inputs(seed) | {"batches": [(ids[:1, :7], mask[:1, :7]), (ids, mask), (ids[:1, :12], mask[:1, :12])]}
 
 
 @define("01b.padding", padding_inputs, encoder_collect, forbid=ATTENTION_BUILTINS)
 def padding(inputs: dict, out: dict) -> str:
     n, T, T_padded = (ids.shape[1] for ids, _ in inputs["batches"])
-    for i, how in ((1, f"batched with a sentence of {T} tokens"), (2, f"followed by {T_padded - T} padding tokens")):
+    for i, how in ((1, f"batched with a sentence of {T} tokens"), (2, f"followed by {T_padded - n} padding tokens")):
         compare(f"hidden states of a {n}-token sentence {how} vs alone", out["hidden"][i][0, :n], out["hidden"][0][0],
                 hint="padding changes the real tokens' states: mask the padding keys in every layer")
         compare(f"embedding of a {n}-token sentence {how} vs alone", out["embeddings"][i][0], out["embeddings"][0][0],
@@ -123,22 +110,19 @@ def padding(inputs: dict, out: dict) -> str:
     return "a sentence gets the same states and embedding alone, batched, or followed by padding"
 
 
-# ---------------------------------------------------------------- WordPiece
-TEXTS = ["Hello, world!", "The café's crème brûlée costs €5.50 — délicieux.", "Unaffable transformers' self-attention",
-         "Naïve résumé: Ångström, Øresund and STRASSE.", "GPT-2 (2019) vs. BERT-base?", "東京 is in 日本, said ΣΟΦΙΑ.",
-         "  multiple   spaces\tand\nnewlines ", "x" * 120, "pneumonoultramicroscopicsilicovolcanoconiosis",
-         "🙂 emoji🙂inside and ™ symbols ½", "can't won't it's", "email@example.com http://x.y/z?a=1&b=2"]
-
-
 def wordpiece_inputs(seed: int) -> dict:
-    vocab = minilm_files()["vocab"].read_text(encoding="utf-8").splitlines()
-    words = [w for w in vocab if w.isalpha() and w.isascii() and len(w) > 2]
-    g = seeded_generator(seed)
+    texts = ["Hello, world!", "The café's crème brûlée costs €5.50 — délicieux.",
+             "Unaffable transformers' self-attention", "Naïve résumé: Ångström, Øresund and STRASSE.",
+             "GPT-2 (2019) vs. BERT-base?", "東京 is in 日本, said ΣΟΦΙΑ.", "  multiple   spaces\tand\nnewlines ",
+             "x" * 120, "pneumonoultramicroscopicsilicovolcanoconiosis", "🙂 emoji🙂inside and ™ symbols ½",
+             "can't won't it's", "email@example.com http://x.y/z?a=1&b=2"]
+    vocab, g = minilm_files()["vocab"], seeded_generator(seed)
+    words = [w for w in vocab.read_text(encoding="utf-8").splitlines() if w.isalpha() and w.isascii() and len(w) > 2]
     # Words glued from two or three vocabulary words force splits into several pieces.
     glued = ["".join(words[i] for i in torch.randint(len(words), (int(n),), generator=g).tolist())
              for n in torch.randint(2, 4, (6,), generator=g)]
-    return {"vocab_file": str(minilm_files()["vocab"]),
-            "texts": TEXTS + [" ".join(glued[:3]).capitalize() + ".", " ".join(glued[3:]).upper()]}
+    return {"vocab_file": str(vocab),
+            "texts": texts + [" ".join(glued[:3]).capitalize() + ".", " ".join(glued[3:]).upper()]}
 
 
 def wordpiece_collect(inputs: dict, WordPieceTokenizer) -> dict:
@@ -157,20 +141,14 @@ def wordpiece(inputs: dict, out: dict) -> str:
     return f"your tokenizer gives the package's token ids on {len(inputs['texts'])} texts"
 
 
-# ---------------------------------------------------------------- masked language modelling
-MLM = {"vocab_size": 1000, "mask_id": 4, "special_ids": [0, 1, 2, 3]}  # [PAD] 0, [CLS] 1, [SEP] 2, [UNK] 3
-
-
 def mlm_inputs(seed: int) -> dict:
     g = seeded_generator(seed)
-    B, T = 96, 256
-    tokens = torch.randint(5, MLM["vocab_size"], (B, T), generator=g)
-    lengths = torch.randint(T // 2, T + 1, (B, 1), generator=g)
-    tokens[:, 0], tokens[torch.arange(T) >= lengths] = 1, 0  # [CLS] ... then padding
-    tokens[torch.arange(B), lengths[:, 0] - 1] = 2  # [SEP]
-    tokens[torch.rand(B, T, generator=g) < 0.01] = 3  # [UNK]
+    lengths = torch.randint(128, 257, (96,), generator=g).tolist()
+    tokens, _ = padded_batch(g, lengths, ids=(5, 1000), cls_sep=(1, 2))  # [CLS] 1 ... [SEP] 2 then [PAD] 0
+    tokens[torch.rand(tokens.shape, generator=g) < 0.01] = 3  # [UNK]; [MASK] is 4
     # (p, seed of the generator): not the tokens' seed, whose stream would correlate with the tokens
-    return {"tokens": tokens, **MLM, "runs": [(0.15, 10_000 + seed), (0.15, 20_000 + seed), (0.4, 30_000 + seed)]}
+    return {"tokens": tokens, "vocab_size": 1000, "mask_id": 4, "special_ids": [0, 1, 2, 3],
+            "runs": [(0.15, 10_000 + seed), (0.15, 20_000 + seed), (0.4, 30_000 + seed)]}
 
 
 def mlm_collect(inputs: dict, mlm_mask) -> dict:
@@ -188,10 +166,10 @@ def mlm_mask(inputs: dict, out: dict) -> str:
         as_tensor(f"{what}: inputs", x, tokens.shape), as_tensor(f"{what}: labels", labels, tokens.shape)
         compare(f"{what}: the dtypes of inputs and labels", [x.dtype, labels.dtype], [torch.long, torch.long])
         selected = labels != -100
-        compare(f"{what}: labels of the special tokens ([PAD], [CLS], [SEP], [UNK]...)", labels[special],
-                torch.full_like(labels[special], -100), 0, hint="special tokens are never masked")
-        compare(f"{what}: labels at the selected positions", labels[selected], tokens[selected], 0,
-                hint="labels hold the original token where it was selected, -100 elsewhere")
+        compare(f"{what}: labels", labels, torch.where(selected & ~special, tokens, -100), 0,
+                hint="labels hold the original token where it was selected, -100 elsewhere",
+                suspects={"special tokens ([PAD], [CLS], [SEP], [UNK]...) are never masked":
+                          torch.where(selected, tokens, -100)})
         compare(f"{what}: inputs where labels are -100", x[~selected], tokens[~selected], 0, hint="positions that "
                 "were not selected (label -100) were changed; only selected positions may be replaced")
         n, k = int((~special).sum()), int(selected.sum())
@@ -215,12 +193,7 @@ def mlm_mask(inputs: dict, out: dict) -> str:
     return "15% of the ordinary tokens selected, 80/10/10 as in BERT, special tokens never masked"
 
 
-# ---------------------------------------------------------------- encoder-decoder
-ENCDEC_CONFIG = {"vocab_size": 20, "d_model": 16, "n_heads": 4, "n_layers": 2, "max_len": 12}
-
-
 def encdec_weights(config: dict, g: torch.Generator) -> dict:
-    """Random weights in the lab's layout (the names of ``EncoderDecoder.state_dict()``), d_ff = 4 d_model."""
     V, d, L = config["vocab_size"], config["d_model"], config["max_len"]
     # Position embeddings larger than token embeddings, so that greedy decoding does not just repeat its last token.
     w = {f"{name}.weight": scale * torch.randn(n, d, generator=g) for name, n, scale in
@@ -235,41 +208,41 @@ def encdec_weights(config: dict, g: torch.Generator) -> dict:
 
 
 def encdec_inputs(seed: int, config: dict = ENCDEC_CONFIG, lengths: tuple = (7, 5, 3), pad_id: int = 0) -> dict:
-    """Weights, sources of ``lengths`` (padded), targets BOS ... EOS then padding: for all the encoder-decoder checks."""
-    g = seeded_generator(seed)
-    V, S, ends = config["vocab_size"], max(lengths), torch.tensor(lengths)[:, None]
-    src_mask = torch.arange(S) < ends
-    tgt = torch.randint(3, V, (len(lengths), S + 1), generator=g)
-    tgt[:, 0], tgt[torch.arange(S + 1) > ends] = 1, pad_id  # BOS, padding
-    tgt[torch.arange(len(lengths)), ends[:, 0]] = 2  # EOS
-    return {"config": dict(config), "weights": encdec_weights(config, g), "src_mask": src_mask,
-            "src": torch.randint(3, V, src_mask.shape, generator=g) * src_mask, "tgt": tgt, "pad_id": pad_id, "bos_id": 1,
-            "calls": [(8, 3)]}  # greedy_decode's (n_steps, batch size)
+    g, V = seeded_generator(seed), config["vocab_size"]
+    tgt, tgt_mask = padded_batch(g, [n + 1 for n in lengths], ids=(3, V), cls_sep=(1, 2))  # BOS 1 ... EOS 2
+    src_mask = torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]
+    return {"config": dict(config), "weights": encdec_weights(config, g), "src_mask": src_mask, "pad_id": pad_id,
+            "src": torch.randint(3, V, src_mask.shape, generator=g) * src_mask, "bos_id": 1, "calls": [(8, 3)],
+            "tgt": tgt.masked_fill(tgt_mask == 0, pad_id)}  # calls: greedy_decode's (n_steps, batch size)
 
 
-def encdec_collect(inputs: dict, EncoderDecoder) -> dict:
+def encdec_collect(inputs: dict, EncoderDecoder, teacher_forcing_loss=None) -> dict:
+    """The encoder's states, the logits and, given teacher_forcing_loss, its loss as returned (with requires_grad)."""
     model = build(EncoderDecoder, inputs["weights"], "EncoderDecoder", **inputs["config"])
-    src, src_mask = inputs["src"], inputs["src_mask"]
+    src, src_mask, tgt = inputs["src"], inputs["src_mask"], inputs["tgt"]
+    loss = attempt(teacher_forcing_loss, model, src, src_mask, tgt, inputs["pad_id"]) if teacher_forcing_loss else None
     with torch.no_grad():
-        return {"memory": attempt(model.encode, src, src_mask), "logits": attempt(model, src, inputs["tgt"], src_mask)}
+        return {"memory": attempt(model.encode, src, src_mask), "logits": attempt(model, src, tgt, src_mask),
+                "loss": loss}
 
 
 @define("01b.encdec", encdec_inputs, encdec_collect, forbid=ATTENTION_BUILTINS)
 def encdec(inputs: dict, out: dict) -> str:
     reference = ref.Seq2Seq(inputs["config"], inputs["weights"])
     src, src_mask, tgt, real = inputs["src"], inputs["src_mask"], inputs["tgt"], inputs["src_mask"][..., None]
-    memory = as_tensor("encode(src, src_mask)", out["memory"], (*src.shape, inputs["config"]["d_model"]))
+    memory = reference.encode(src, src_mask)
     compare("encode(src, src_mask) vs nn.Transformer's encoder (pre-norm, final LayerNorm), at real tokens",
-            memory * real, reference.encode(src, src_mask) * real,
+            as_tensor("encode(src, src_mask)", out["memory"], memory.shape) * real, memory * real,
             hint="each encoder layer: x + attn(ln1(x)) with the padding bias, then x + ffn(ln2(x)); then enc_ln",
             suspects={"the encoder attends to padding: pass the padding bias to every encoder layer":
                       lambda: reference.encode(src, torch.ones_like(src_mask)) * real})
-    y = reference.tok_emb[tgt] + reference.dec_pos[:tgt.shape[1]]  # for the decoder without one of its masks
-    without = lambda causal_mask, padding_mask: reference.core.decoder(
-        y, reference.encode(src, src_mask), tgt_mask=causal_mask, memory_key_padding_mask=padding_mask) @ reference.tok_emb.T
+    y = reference.tok_emb[tgt] + reference.dec_pos[:tgt.shape[1]]
+    without = lambda causal_mask, padding_mask: reference.core.decoder(  # the decoder without one of its masks
+        y, memory, tgt_mask=causal_mask, memory_key_padding_mask=padding_mask) @ reference.tok_emb.T
     compare("EncoderDecoder logits vs nn.Transformer (pre-norm) with the same weights", out["logits"],
             reference(src, tgt, src_mask), suspects={
-                "the decoder's self-attention sees the future: pass it the causal bias": lambda: without(None, ~src_mask),
+                "the decoder's self-attention sees the future: pass it the causal bias":
+                    lambda: without(None, ~src_mask),
                 "the cross-attention reads the source's padding: pass it the source padding bias":
                     lambda: without(~causal(tgt.shape[1]), None)},
             hint="each decoder layer: y + self_attn(ln1(y)) with the causal bias, then y + cross_attn(ln2(y)) with the "
@@ -277,14 +250,7 @@ def encdec(inputs: dict, out: dict) -> str:
     return "encoder states and logits match torch.nn.Transformer (pre-norm) with the same weights"
 
 
-def teacher_forcing_collect(inputs: dict, EncoderDecoder, teacher_forcing_loss) -> dict:
-    model = build(EncoderDecoder, inputs["weights"], "EncoderDecoder", **inputs["config"])
-    loss = attempt(teacher_forcing_loss, model, inputs["src"], inputs["src_mask"], inputs["tgt"], inputs["pad_id"])
-    return {"loss": loss.detach() if isinstance(loss, torch.Tensor) else loss,
-            "differentiable": bool(getattr(loss, "requires_grad", False))}
-
-
-@define("01b.teacher_forcing", encdec_inputs, teacher_forcing_collect, forbid=ATTENTION_BUILTINS)
+@define("01b.teacher_forcing", encdec_inputs, encdec_collect, forbid=ATTENTION_BUILTINS)
 def teacher_forcing(inputs: dict, out: dict) -> str:
     reference = ref.Seq2Seq(inputs["config"], inputs["weights"])
     src, src_mask, tgt, pad = inputs["src"], inputs["src_mask"], inputs["tgt"], inputs["pad_id"]
@@ -296,7 +262,7 @@ def teacher_forcing(inputs: dict, out: dict) -> str:
                 "the loss predicts each token from itself: feed tgt[:, :-1] to the decoder and score tgt[:, 1:]":
                     lambda: loss(reference(src, tgt, src_mask), tgt, ignore_index=pad),
                 "the padding positions count in the loss: pass ignore_index=pad_id": loss(logits, tgt[:, 1:])})
-    if not out["differentiable"]:
+    if not out["loss"].requires_grad:
         raise AssertionError("teacher_forcing_loss returned a loss without a gradient: do not compute it under "
                              "torch.no_grad() or detach it; training calls loss.backward()")
     return "the shifted cross-entropy, padding ignored, matches the reference"
@@ -304,17 +270,17 @@ def teacher_forcing(inputs: dict, out: dict) -> str:
 
 def greedy_collect(inputs: dict, EncoderDecoder, greedy_decode) -> dict:
     model = build(EncoderDecoder, inputs["weights"], "EncoderDecoder", **inputs["config"])
-    log = []  # what ran: "encode" (enc_ln ends every pass of the encoder), or the index of a cross-attention k or v
-    model.enc_ln.register_forward_hook(lambda *_: log.append("encode"))
-    kv = [proj for layer in model.decoder for proj in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)]
-    for i, proj in enumerate(kv):
-        proj.register_forward_hook(lambda *_, i=i: log.append(i))
+    # enc_ln ends every pass of the encoder; then each decoder layer's cross-attention k_proj and v_proj
+    watched = [model.enc_ln, *(getattr(layer.cross_attn, p) for layer in model.decoder for p in ("k_proj", "v_proj"))]
+    ran = []
+    for module in watched:
+        module.register_forward_hook(lambda module, *_: ran.append(module))
     runs = []
     for n, B in inputs["calls"]:
-        log.clear()
+        ran.clear()
         with torch.no_grad():
             tokens = attempt(greedy_decode, model, inputs["src"][:B], inputs["src_mask"][:B], n, inputs["bos_id"])
-        runs.append({"tokens": tokens, "encodes": log.count("encode"), "projections": [log.count(i) for i in range(len(kv))]})
+        runs.append({"tokens": tokens, "counts": [ran.count(module) for module in watched]})
     return {"runs": runs}
 
 
@@ -325,21 +291,20 @@ def greedy(inputs: dict, out: dict) -> str:
         src, src_mask = inputs["src"][:B], inputs["src_mask"][:B]
         call = f"greedy_decode(model, src of shape {tuple(src.shape)}, src_mask, n_steps={n}, bos_id={bos})"
         tokens = as_tensor(f"{call}, the BOS column then n_steps tokens", run["tokens"], (B, n + 1)).long()
-        compare(f"{call}: the first column", tokens[:, 0], torch.full((B,), bos), hint="start every sequence with bos_id")
+        compare(f"{call}: column 0", tokens[:, 0], torch.full((B,), bos), hint="start every sequence with bos_id")
         if n == 0:
             continue
         logits = reference(src, tokens[:, :-1], src_mask)  # (B, n, V): the logits after each prefix
         compare(f"{call}: the reference's logit of each token chosen vs the largest logit after its prefix",
                 logits.gather(-1, tokens[:, 1:, None])[..., 0], logits.amax(-1),
                 hint="a token chosen is not the argmax: take the argmax of the last position's logits")
-        compare(f"{call}: the number of encoder runs", run["encodes"], 1, hint="encode the source once, before the loop")
-        compare(f"{call}: how often each decoder layer's cross-attention k_proj and v_proj ran",
-                run["projections"], [1] * len(run["projections"]),
+        encodes, *projections = run["counts"]
+        compare(f"{call}: the number of encoder runs", encodes, 1, hint="encode the source once, before the loop")
+        compare(f"{call}: how often each cross-attention k_proj and v_proj ran", projections, [1] * len(projections),
                 hint="compute them once with model.cross_kv(memory) and reuse them at every step")
     return "argmax decoding, the encoder run once, cross-attention keys and values computed once"
 
 
-# ---------------------------------------------------------------- T5's relative position buckets
 def relpos_cases(g: torch.Generator) -> list[dict]:
     query, key = torch.randint(0, 400, (7,), generator=g), torch.randint(0, 400, (9,), generator=g)
     call = "relative_position_bucket(d, bidirectional={}, num_buckets={}, max_distance={})".format
@@ -350,7 +315,6 @@ def relpos_cases(g: torch.Generator) -> list[dict]:
 
 
 def relpos_suspects(case: dict) -> dict:
-    """T5's buckets computed with each known mistake, for diagnoses."""
     d, bidirectional, num_buckets, max_distance = case["args"]
 
     def bug(offset=True, floor=True, cap=True, causal_abs=False, exact_of_all=False):
@@ -362,11 +326,12 @@ def relpos_suspects(case: dict) -> dict:
         side = half * (d > 0) if bidirectional and offset else 0
         return side + torch.where(n < max_exact, n, large.clamp_max(half - 1) if cap else large)
     return {"keys after the query (d > 0) take the upper half of the buckets: add num_buckets // 2": bug(offset=False),
-            "the log position is rounded; floor it (.long()), so that bucket boundaries are log-spaced": bug(floor=False),
+            "the log position is rounded; floor it (.long()) so bucket boundaries are log-spaced": bug(floor=False),
             "distances beyond max_distance get buckets of their own: cap at the side's last bucket": bug(cap=False),
             "a causal decoder never attends to d > 0; T5 puts all of them in bucket 0": bug(causal_abs=True),
             "max_exact is half of one side's buckets (num_buckets // 4 when bidirectional)": bug(exact_of_all=True),
-            "the result was flattened: work elementwise on any shape": lambda: ref.t5_bucket(d.flatten(), *case["args"][1:])}
+            "the result was flattened: work elementwise on any shape":
+                lambda: ref.t5_bucket(d.flatten(), *case["args"][1:])}
 
 
 @define("01b.relpos", table_inputs(relpos_cases), run_cases)
@@ -374,7 +339,7 @@ def relpos(inputs: dict, out: dict) -> str:
     for case, got in zip(inputs["cases"], out["outputs"], strict=True):
         if isinstance(got, torch.Tensor) and got.is_floating_point():
             raise AssertionError(f"{case['what']}: returned {got.dtype}; buckets are integers, they index an embedding")
-        compare(case["what"], got, ref.t5_bucket(*case["args"]), 0, suspects=relpos_suspects(case),
-                hint="n < max_exact (half a side's buckets) is its own bucket; beyond, max_exact + floor(log(n / max_exact)"
-                     " / log(max_distance / max_exact) * (side's buckets - max_exact)), capped at the side's last")
+        compare(case["what"], got, ref.t5_bucket(*case["args"]), 0, hint="n < max_exact (half a side's buckets) is "
+                "its own bucket; beyond, max_exact + floor(log(n / max_exact) / log(max_distance / max_exact) * "
+                "(side's buckets - max_exact)), capped at the side's last", suspects=relpos_suspects(case))
     return "T5's buckets: exact for small distances, log-spaced up to max_distance, monotonic"

@@ -67,16 +67,10 @@ def define_hidden(check_id: str, args: tuple[str, ...], inputs: Callable[[int], 
 def table(check_id: str, cases: Callable[[torch.Generator], list[dict]], reference: Callable[[dict], Any], ok: str, *,
           atol: float = 1e-5, hint: str = "", suspects: Callable[[dict], Suspects] | None = None,
           forbid: tuple[str, ...] = ()) -> Check:
-    """A check of the student's function or module against ``reference`` over a table of cases.
-
-    ``cases(g)`` draws the cases with the check's generator; each case is a dict with ``what`` (how
-    messages name it), ``args`` and ``kwargs`` of the call and, for a module, ``init`` (constructor
-    arguments, with ``init_kwargs``), ``weights`` and ``dtype``; ``student`` picks one of several
-    student objects; a case may hold its own ``atol`` and ``hint``, and
-    anything else ``reference(case)`` and ``suspects(case)`` need. A case with ``max_share`` is
-    compared in units in the last place (:func:`assert_bf16_close`), for bfloat16 and float16
-    outputs. The collect is :func:`labkit.checks.kernel.run_cases`.
-    """
+    """A check of the student's function or module against ``reference(case)`` over the cases that ``cases(g)``
+    draws: dicts with ``what`` (how messages name the case), ``args`` and ``kwargs`` of the call and, for a module,
+    ``init``, ``init_kwargs``, ``weights`` and ``dtype`` (see :func:`~labkit.checks.kernel.run_cases`), and the case's
+    own ``atol``, ``hint``, or ``max_share`` (then compared in ulps, :func:`assert_bf16_close`)."""
     def verify(inputs: dict, out: dict) -> str:
         for case, got in zip(inputs["cases"], out["outputs"], strict=True):
             if "max_share" in case:

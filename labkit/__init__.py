@@ -16,9 +16,20 @@ import random
 import numpy as np
 import torch
 
-from labkit.checks import check
-
 __all__ = ["check", "pick_device", "seed_everything", "report"]
+
+
+def check(check_id: str, *student) -> None:
+    """Run the check ``check_id`` on the student's code and print its verdict (see :mod:`labkit.checks`).
+
+    Under the grader (``LABKIT_GRADING_DIR`` set) it does nothing: the grader runs every check from its own
+    copy of the check cell, and the verify side is not in the kernel's reach."""
+    if os.environ.get("LABKIT_GRADING_DIR"):
+        print(f"{check_id}: checked by the grader's own check cell")
+        return
+    from labkit.checks.core import check as run_check
+
+    run_check(check_id, *student)
 
 
 def pick_device() -> torch.device:

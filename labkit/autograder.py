@@ -27,7 +27,6 @@ writes the bundle to ``<out>/<lab>/`` and the zip to upload to ``<out>/autograde
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import stat
@@ -52,15 +51,6 @@ EXECUTABLE = 0o755
 
 
 # ---------------------------------------------------------------- what goes in the bundle
-def find_lab(lab: str, labs_dir: Path) -> Path:
-    """The pristine lab notebook whose metadata ``labkit.lab`` is ``lab``."""
-    for path in sorted(labs_dir.glob("*.ipynb")):
-        metadata = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
-        if isinstance(metadata.get("labkit"), dict) and metadata["labkit"].get("lab") == lab:
-            return path
-    raise LookupError(f"no lab {lab!r} in {labs_dir} (no notebook whose metadata labkit.lab is {lab!r})")
-
-
 def _normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -293,10 +283,11 @@ def write_failure(results: Path, lab: str, message: str, labs_dir: Path, hidden_
 # ---------------------------------------------------------------- the bundle
 def build(lab: str, out: Path, hidden_dir: Path | None = None) -> tuple[Path, Path]:
     """Write the bundle to ``out/<lab>/`` and the zip to ``out/autograder-<lab>.zip``; return both."""
+    lab = grade.resolve_lab(lab, ROOT / "labs")  # an id, or the lab notebook's name
     if lab not in labs():
         raise LookupError(f"no checks for lab {lab!r}; the labs with checks are {', '.join(labs())}")
     hidden_dir = hidden_dir or ROOT / "hidden_checks"
-    lab_path = find_lab(lab, ROOT / "labs")
+    lab_path = grade.lab_notebooks(ROOT / "labs")[lab]
     bundle = out / lab
     if bundle.exists():
         shutil.rmtree(bundle)

@@ -1,24 +1,28 @@
-"""Grade submitted labs: rebuild each onto the pristine lab, run it with nbval, score the checks.
+"""Grade submitted labs: rebuild each onto the pristine lab, run it in a sandbox, score the checks.
 
     python -m labkit.grade SUBMISSION.ipynb|FOLDER [...] --lab 01a [--out grading-out] [--workers 2]
 
 For each submission the grader
 
 1. validates the file (JSON, nbformat 4, the right lab); an invalid one scores 0 with a reason;
-2. rebuilds it onto the pristine lab: the student's cells are kept in order, every check cell
-   is restored from the lab (edited or deleted ones too), hidden checks are appended, and the
-   kernel spec is forced;
-3. writes the inputs of every check, drawn with the run's seed (a fresh random one unless
-   ``--seed`` is given), and runs the notebook with ``pytest --nbval-lax`` in a fresh temporary
-   folder, in the sandbox of :mod:`labkit.sandbox` (per-cell timeout, wall-clock limit, memory,
-   CPU-time and file-size limits, no network, private paths hidden);
-4. scores each check in this process: the kernel only saved the student's outputs on the
-   inputs; the check's ``verify`` compares them with the reference here, against the inputs the
-   grader kept, where nothing the notebook monkeypatched can reach.
+2. rebuilds it onto the pristine lab: the student's cells are kept in order; a check cell is one with
+   the pristine lab's check metadata *and* its source, and every check cell is restored from the lab
+   (edited or deleted ones too) and run as the grader's own code: the check's collect, sent as source
+   code, with a token that only that cell is given; hidden checks are appended;
+3. scans the student's code for ways to tamper with the grading (see :data:`TAMPERING`);
+4. writes the inputs of every check, drawn with the run's seed (a fresh random one unless ``--seed``
+   is given), and runs the notebook with ``pytest --nbval-lax`` in the sandbox of
+   :mod:`labkit.sandbox`: an unprivileged user, no network, a read-only system, private ``/tmp``,
+   the verify side of the checks and the hidden checks out of reach, and resource limits;
+5. scores each check in a child process with memory and time limits: only a check whose own cell
+   recorded outputs with its token counts; the record is loaded with ``weights_only=True``, its
+   tensors must be contiguous and of a bounded size, and the check's ``verify`` compares it with the
+   reference, on the inputs the grader kept. A record made any other way, or a tampering probe that
+   fired, flags the submission (``integrity: ...``) and its flagged checks score 0 pending review.
 
-It writes ``<out>/<submission>/results.json`` (Gradescope's format, with each check's id,
-points and message, and the seed), ``<out>/scores.csv`` (one row per submission, one column per
-check, and the seed) and prints ``N passed, M failed`` over all checks graded.
+It writes ``<out>/<submission>/results.json`` (Gradescope's format, with each check's id, points and
+message, the seed and any integrity finding), ``<out>/scores.csv`` (one row per submission, one
+column per check, the integrity findings and the seed) and prints ``N passed, M failed``.
 """
 from __future__ import annotations
 
@@ -28,8 +32,10 @@ import copy
 import csv
 import inspect
 import json
+import multiprocessing
 import os
 import re
+import resource
 import secrets
 import sys
 import tempfile
@@ -43,22 +49,34 @@ import nbformat
 import torch
 
 from labkit import sandbox
-from labkit.checks import GRADING_ENV, Check, HiddenCheck, checks_of_lab, hidden_checks
 from labkit.checks import kernel
-from labkit.checks.references import IMPORT_LOCK
+from labkit.checks.core import Check, HiddenCheck, checks_of_lab, hidden_checks
 from labkit.sandbox import Limits
 
 ROOT = Path(__file__).resolve().parent.parent
-CHECK_CALL = re.compile(r"labkit\.check\(\s*[\"'](?P<id>[\w.]+)[\"']")
+CHECK_CALL = re.compile(r"labkit\.check\(\s*[\"'](?P<id>[\w.]+)[\"']\s*,?(?P<args>[^)]*)\)")
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
-# The conftest of a grading folder: once nbval has read the notebook, delete it, so the
-# kernel cannot read the hidden checks' cells from disk.
+# The conftest of a grading folder: once nbval has read the notebook, delete it (the kernel must not read the
+# check cells' tokens or the hidden checks from disk), and make this process's memory unreadable to the kernel.
 CONFTEST = '''\
-import os
+import ctypes, os
 
 def pytest_collection_finish(session):
     os.remove("submission.ipynb")
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no /proc/<pid>/mem for the same user
 '''
+# The student's code may not touch these: each changes how later cells run or reaches into the grading.
+TAMPERING = {
+    r"input_transformers|ast_transformers|\.events\.register|register_magic": "changes how IPython runs later cells",
+    r"\bsettrace\b|\bsetprofile\b|addaudithook": "installs a trace, profile or audit hook",
+    r"LABKIT_|GRADING_DIR": "reads or changes the grading environment",
+    r"labkit\.(checks|grade|sandbox|autograder)\b|from labkit\.?\w* import .*\b(record|kernel|checks)\b":
+        "reaches into the grading machinery",
+    r"DisableTorchFunction|TorchFunctionMode|TorchDispatchMode|_disabled_torch_function":
+        "intercepts or disables PyTorch's function handling",
+    r"site-packages|dist-packages|/dev/shm|\boutputs/|\binputs/": "writes where the grader keeps its files",
+}
+MAX_ELEMENTS = 2**25  # elements in one record, at most: far more than any check's outputs
 
 
 @dataclass
@@ -68,6 +86,7 @@ class CheckResult:
     passed: bool
     message: str
     hidden: bool = False
+    flag: str = ""  # what an integrity probe saw while this check's cell ran
 
 
 @dataclass
@@ -78,41 +97,44 @@ class Submission:
     seconds: float = 0.0
     sandbox: str = ""
     seed: int | None = None
+    integrity: list[str] = field(default_factory=list)
 
     @property
     def score(self) -> float:
         return sum(c.points for c in self.checks if c.passed)
 
 
-# ---------------------------------------------------------------- the pristine lab and its checks
+# ---------------------------------------------------------------- the lab and its checks
+def lab_notebooks(labs_dir: Path = ROOT / "labs") -> dict[str, Path]:
+    """Lab id -> the pristine lab's path, from each notebook's metadata ``labkit.lab``."""
+    found = {}
+    for path in sorted(labs_dir.glob("*.ipynb")):
+        metadata = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
+        if isinstance(metadata.get("labkit"), dict) and "lab" in metadata["labkit"]:
+            found[metadata["labkit"]["lab"]] = path
+    return found
+
+
+def resolve_lab(name: str, labs_dir: Path = ROOT / "labs") -> str:
+    """The lab id of ``name``: an id (``01a``) or a lab notebook's name (``01a-attention-and-gpt[.ipynb]``)."""
+    notebooks = lab_notebooks(labs_dir)
+    for lab, path in notebooks.items():
+        if name in (lab, path.stem, path.name):
+            return lab
+    known = ", ".join(f"{lab} ({path.stem})" for lab, path in notebooks.items())
+    raise LookupError(f"no lab {name!r} in {labs_dir}; the labs are {known or 'none'}")
+
+
 def lab_notebook(lab: str, labs_dir: Path = ROOT / "labs") -> nbformat.NotebookNode:
     """The pristine lab whose metadata names ``lab``."""
-    for path in sorted(labs_dir.glob("*.ipynb")):
-        notebook = nbformat.read(path, as_version=4)
-        if notebook.metadata.get("labkit", {}).get("lab") == lab:
-            return notebook
-    raise LookupError(f"no lab {lab!r} in {labs_dir} (no notebook whose metadata labkit.lab is {lab!r})")
-
-
-KERNEL_HELPERS = ", ".join(kernel.__all__)  # what a hidden check's collect may use, besides torch
-
-
-def hidden_cell(hidden: HiddenCheck) -> nbformat.NotebookNode:
-    """The cell that runs a hidden check's ``collect`` (sent as source) on the student's objects."""
-    own = hidden.collect.__module__ != kernel.__name__  # a case table's collect is already in the kernel
-    source = textwrap.dedent(inspect.getsource(hidden.collect)) if own else ""
-    call = (f"labkit.checks.record({hidden.id!r}, {hidden.collect.__name__}, {', '.join(hidden.args)}, "
-            f"forbid={hidden.forbid!r})")
-    cell = nbformat.v4.new_code_cell(f"# Hidden check, added by the grader\nimport torch\n"
-                                     f"from labkit.checks.kernel import {KERNEL_HELPERS}\n\n{source}\n{call}")
-    cell.metadata["check"] = {"id": hidden.id, "points": hidden.points, "hidden": True}
-    return cell
+    return nbformat.read(lab_notebooks(labs_dir)[resolve_lab(lab, labs_dir)], as_version=4)
 
 
 @dataclass
 class Plan:
-    """What grading a lab involves: the pristine lab, its visible and hidden checks, and the check
-    cells of a rebuilt notebook as (id, points, hidden), in order."""
+    """What grading a lab involves: the pristine lab, its visible and hidden checks, and the check cells
+    of a rebuilt notebook as (id, points, hidden), in order."""
+    lab: str
     pristine: nbformat.NotebookNode
     checks: dict[str, Check]
     hidden: list[HiddenCheck]
@@ -121,18 +143,74 @@ class Plan:
 
 def grading_plan(lab: str, labs_dir: Path = ROOT / "labs", hidden_dir: Path | None = None) -> Plan:
     """The one listing of a lab's checks, for ``grade`` and ``autograder`` alike."""
+    lab = resolve_lab(lab, labs_dir)
     pristine = lab_notebook(lab, labs_dir)
     hidden = hidden_checks(lab, hidden_dir)
     cells = graded_checks(rebuild(pristine, pristine, [hidden_cell(h) for h in hidden]))
-    return Plan(pristine, checks_of_lab(lab) | {h.id: h for h in hidden}, hidden, cells)
+    return Plan(lab, pristine, checks_of_lab(lab) | {h.id: h for h in hidden}, hidden, cells)
 
 
-# ---------------------------------------------------------------- validation and rebuild
+def hidden_cell(hidden: HiddenCheck) -> nbformat.NotebookNode:
+    """A hidden check's place in a rebuilt notebook (its source is written by :func:`graded_notebook`)."""
+    cell = nbformat.v4.new_code_cell(f"# Hidden check {hidden.id}, added by the grader")
+    cell.metadata["check"] = {"id": hidden.id, "points": hidden.points, "hidden": True}
+    return cell
+
+
+def recording_source(spec: Check, args: tuple[str, ...], token: str) -> str:
+    """What the kernel runs for a check cell: the check's collect (as source code) on the student's objects."""
+    own = spec.collect.__module__ != kernel.__name__  # a case table's collect is in the kernel's module already
+    source = textwrap.dedent(inspect.getsource(spec.collect)) if own else ""
+    return (f"# Check {spec.id}, run by the grader\nimport labkit.checks.kernel\n"
+            f"labkit.checks.kernel.record({spec.id!r}, {token!r}, {source!r}, {spec.collect.__name__!r}, "
+            f"{''.join(a + ', ' for a in args)}forbid={spec.forbid!r})")
+
+
+# ---------------------------------------------------------------- submissions: finding, reading, rebuilding
+@dataclass
+class Entry:
+    path: Path
+    key: str  # the path relative to the argument it was found under, less ".ipynb": the report's unique name
+
+
+def find_submissions(paths: list[Path]) -> tuple[list[Entry], list[str]]:
+    """The notebooks under ``paths`` (folders searched recursively) and notes on the other files skipped.
+    A path that does not exist, or no notebook at all, is an error (``LookupError``)."""
+    entries, notes = [], []
+    for argument in paths:
+        if not argument.exists():
+            raise LookupError(f"no such file or folder: {argument}")
+        files = sorted(p for p in argument.rglob("*") if p.is_file()) if argument.is_dir() else [argument]
+        for path in files:
+            if path.suffix.lower() != ".ipynb":
+                notes.append(f"skipped {path}: not a notebook (.ipynb)")
+                continue
+            key = (path.relative_to(argument) if argument.is_dir() else Path(path.name)).with_suffix("").as_posix()
+            entries.append(Entry(path, key))
+    if not entries:
+        raise LookupError(f"no notebook (.ipynb) in {', '.join(map(str, paths))}")
+    seen: dict[str, int] = {}
+    for entry in entries:  # the same name under two arguments: number the later ones
+        seen[entry.key] = seen.get(entry.key, 0) + 1
+        if seen[entry.key] > 1:
+            entry.key = f"{seen[entry.key]}/{entry.key}"
+    return entries, notes
+
+
+def _readable(x):
+    """JSON values with any lone surrogate (which cannot be written as UTF-8) replaced by U+FFFD."""
+    if isinstance(x, str):
+        return x.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(x, list):
+        return [_readable(y) for y in x]
+    return {_readable(k): _readable(v) for k, v in x.items()} if isinstance(x, dict) else x
+
+
 def read_submission(path: Path, lab: str) -> tuple[nbformat.NotebookNode | None, str]:
     """The submission as a notebook, or None and a one-line reason."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8", errors="replace"))
-    except (OSError, ValueError) as error:
+        raw = _readable(json.loads(path.read_bytes().decode("utf-8", errors="replace")))
+    except (OSError, ValueError, RecursionError) as error:
         return None, f"not a readable JSON notebook ({type(error).__name__}: {str(error)[:120]})"
     if not isinstance(raw, dict) or raw.get("nbformat") != 4 or not isinstance(raw.get("cells"), list):
         return None, f"not an nbformat 4 notebook (nbformat={raw.get('nbformat') if isinstance(raw, dict) else None})"
@@ -140,7 +218,8 @@ def read_submission(path: Path, lab: str) -> tuple[nbformat.NotebookNode | None,
         notebook = nbformat.reads(json.dumps(raw), as_version=4)
     except Exception as error:  # nbformat raises several kinds of errors on malformed cells
         return None, f"malformed notebook ({type(error).__name__}: {str(error)[:120]})"
-    declared = notebook.metadata.get("labkit", {}).get("lab") if isinstance(notebook.metadata.get("labkit"), dict) else None
+    labkit_meta = notebook.metadata.get("labkit")
+    declared = labkit_meta.get("lab") if isinstance(labkit_meta, dict) else None
     called = {m["id"].split(".")[0] for cell in notebook.cells if cell.cell_type == "code"
               for m in CHECK_CALL.finditer(cell.source if isinstance(cell.source, str) else "")}
     if declared not in (None, lab) or (declared is None and called and lab not in called):
@@ -148,54 +227,59 @@ def read_submission(path: Path, lab: str) -> tuple[nbformat.NotebookNode | None,
     return notebook, ""
 
 
-def is_check_cell(cell: nbformat.NotebookNode) -> bool:
-    return "check" in cell.metadata or bool(cell.cell_type == "code" and CHECK_CALL.search(cell.source))
+def _check_id(cell: nbformat.NotebookNode) -> str | None:
+    meta = cell.metadata.get("check")
+    return meta.get("id") if isinstance(meta, dict) and isinstance(meta.get("id"), str) else None
 
 
 def rebuild(submission: nbformat.NotebookNode, lab: nbformat.NotebookNode,
             extra_cells: list[nbformat.NotebookNode]) -> nbformat.NotebookNode:
     """The pristine lab's check cells, with the student's other cells in place of the lab's.
 
-    Student cells are matched to lab cells by cell id, or markdown cells by identical text.
-    A student cell with no match stays where it was, after the matched cell before it.
-    Check cells always come from the lab, deleted ones too; other deleted cells stay deleted
-    (restoring an exercise's stub after the student's own version would undo their work).
+    A student cell is a check cell only if it has a lab check cell's metadata and exactly its source;
+    any other cell, one that calls a check or carries copied check metadata included, is the student's
+    and keeps its code. Student cells are matched to lab cells by cell id, or markdown cells by
+    identical text; a cell with no match stays where it was, after the matched cell before it. Check
+    cells always come from the lab, deleted ones too; other deleted cells stay deleted (restoring an
+    exercise's stub after the student's own version would undo their work).
     """
+    pristine = {_check_id(c): c.source for c in lab.cells if _check_id(c)}
     ids = {cell.get("id"): i for i, cell in enumerate(lab.cells)}
     texts = {cell.source: i for i, cell in enumerate(lab.cells) if cell.cell_type == "markdown"}
     kept: dict[int, nbformat.NotebookNode] = {}  # lab index -> the student's version
     after: dict[int, list[nbformat.NotebookNode]] = {-1: []}  # lab index -> student cells following it
     anchor = -1
     for cell in submission.cells:
-        if is_check_cell(cell):
-            continue
+        if _check_id(cell) in pristine and cell.source == pristine[_check_id(cell)]:
+            continue  # an untouched check cell: restored from the lab below
         match = ids.get(cell.get("id"))
         if match is None and cell.cell_type == "markdown":
             match = texts.get(cell.source)
-        if match is not None and not is_check_cell(lab.cells[match]) and match not in kept:
+        if match is not None and not _check_id(lab.cells[match]) and match not in kept:
             kept[match], anchor = cell, match
             after.setdefault(match, [])
         else:
             after[anchor].append(cell)
-    cells = list(after[-1])
+    cells = [_clean(c) for c in after[-1]]
     for i, lab_cell in enumerate(lab.cells):
-        if is_check_cell(lab_cell):
-            cells.append(copy.deepcopy(lab_cell))
+        if _check_id(lab_cell):
+            cells.append(_clean(lab_cell, check=True))
         elif i in kept:
-            cells.append(kept[i])
-        cells.extend(after.get(i, []))
-    rebuilt = nbformat.v4.new_notebook(cells=[_clean(c) for c in cells + extra_cells])
+            cells.append(_clean(kept[i]))
+        cells.extend(_clean(c) for c in after.get(i, []))
+    rebuilt = nbformat.v4.new_notebook(cells=cells + [_clean(c, check=True) for c in extra_cells])
     rebuilt.metadata = {"kernelspec": KERNELSPEC, "language_info": {"name": "python"},
                         "labkit": dict(lab.metadata.get("labkit", {}))}
     return rebuilt
 
 
-def _clean(cell: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """A fresh cell with the same type, source and check metadata (no outputs, no stray fields)."""
+def _clean(cell: nbformat.NotebookNode, check: bool = False) -> nbformat.NotebookNode:
+    """A fresh cell with the same type and source (no outputs, no stray fields); a check cell of the grader's
+    keeps its check metadata, a student's cell never does."""
     make = {"code": nbformat.v4.new_code_cell, "markdown": nbformat.v4.new_markdown_cell}.get(
         cell.cell_type, nbformat.v4.new_raw_cell)
     clean = make(cell.source if isinstance(cell.source, str) else "".join(cell.source))
-    if "check" in cell.metadata:
+    if check:
         clean.metadata["check"] = cell.metadata["check"]
     return clean
 
@@ -206,38 +290,66 @@ def graded_checks(notebook: nbformat.NotebookNode) -> list[tuple[str, float, boo
             for c in notebook.cells if "check" in c.metadata]
 
 
+def graded_notebook(rebuilt: nbformat.NotebookNode, plan: Plan, tokens: dict[str, str]) -> nbformat.NotebookNode:
+    """The notebook the kernel runs: a first cell that snapshots the kernel's hooks, the student's cells, and
+    every check cell replaced by the grader's recording code (the pristine cell names the student's objects)."""
+    graded = copy.deepcopy(rebuilt)
+    for cell in graded.cells:
+        if "check" in cell.metadata:
+            spec = plan.checks[cell.metadata["check"]["id"]]
+            call = CHECK_CALL.search(cell.source)
+            args = spec.args if isinstance(spec, HiddenCheck) else tuple(
+                a.strip() for a in call["args"].split(",") if a.strip())
+            cell.source = recording_source(spec, args, tokens[spec.id])
+    graded.cells.insert(0, nbformat.v4.new_code_cell("import labkit.checks.kernel\nlabkit.checks.kernel.snapshot()"))
+    return graded
+
+
+def tampering(notebook: nbformat.NotebookNode) -> list[str]:
+    """What the student's code cells (the grader's check cells excluded) use that :data:`TAMPERING` forbids."""
+    found = []
+    for number, cell in enumerate(c for c in notebook.cells if c.cell_type == "code"):
+        if "check" not in cell.metadata:
+            for pattern, why in TAMPERING.items():
+                match = re.search(pattern, cell.source)
+                if match and f"{why}" not in " ".join(found):
+                    found.append(f"code cell {number + 1} uses {match[0]!r}: it {why}")
+    return found
+
+
 # ---------------------------------------------------------------- running, sandboxed
-def run_nbval(folder: Path, limits: Limits, masked: list[Path]) -> tuple[str, str]:
-    """Run ``pytest --nbval-lax`` on ``folder/submission.ipynb``, sandboxed; return its log tail and the sandbox used."""
+def run_nbval(folder: Path, limits: Limits, hidden: list[Path]) -> tuple[str, str]:
+    """Run ``pytest --nbval-lax`` on the grading folder's notebook, sandboxed; return its log tail and the
+    sandbox's description."""
     command = [sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", "-q",
                f"--nbval-cell-timeout={limits.cell_timeout}", "--junitxml=junit.xml", "-o", "junit_logging=no",
                "submission.ipynb"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABKIT_", "JUPYTER", "PYTEST"))}
-    env |= {GRADING_ENV: str(folder), "LABKIT_MAX_STEPS": str(limits.max_steps),
-            "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1", "HOME": str(folder / "home"),
-            "JUPYTER_RUNTIME_DIR": str(folder / "home" / "runtime")}
-    (folder / "home").mkdir()
-    return sandbox.run(command, folder, env, limits, masked, folder / "log.txt")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABKIT_", "JUPYTER", "PYTEST", "PYTHON"))}
+    inside = sandbox.GRADING_FOLDER  # where the folder appears in the sandbox
+    env |= {kernel.GRADING_ENV: inside, "LABKIT_MAX_STEPS": str(limits.max_steps), "MPLBACKEND": "Agg",
+            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONSAFEPATH": "1", "HOME": f"{inside}/home",
+            "JUPYTER_RUNTIME_DIR": f"{inside}/home/runtime", "TMPDIR": "/tmp"}
+    readonly = sorted({ROOT, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), ROOT / "labkit"})
+    return sandbox.run(command, folder, env, limits, hidden, readonly, folder.parent / f"{folder.name}.log")
 
 
-def cell_errors(folder: Path, notebook: nbformat.NotebookNode) -> dict[str, str]:
-    """Check id -> nbval's failure message for the check cells that failed or were skipped."""
+def cell_outcomes(folder: Path, notebook: nbformat.NotebookNode) -> dict[str, str]:
+    """Check id -> "" for the check cells nbval saw pass, or its failure message (missing: not run)."""
     try:
         tree = ElementTree.parse(folder / "junit.xml")
     except (OSError, ElementTree.ParseError):
         return {}
     code_cells = [c for c in notebook.cells if c.cell_type == "code"]
-    errors = {}
+    outcomes = {}
     for case in tree.iter("testcase"):
         match = re.search(r"Cell (\d+)$", case.get("name", ""))
-        problem = next((e for e in case if e.tag in ("failure", "error", "skipped")), None)
-        if not match or problem is None or int(match[1]) >= len(code_cells):
+        if not match or int(match[1]) >= len(code_cells) or "check" not in code_cells[int(match[1])].metadata:
             continue
-        cell = code_cells[int(match[1])]
-        if "check" in cell.metadata:
-            text = (problem.get("message", "") + "\n" + (problem.text or "")).strip()
-            errors[cell.metadata["check"]["id"]] = _last_error_line(text, problem.tag)
-    return errors
+        problem = next((e for e in case if e.tag in ("failure", "error", "skipped")), None)
+        text = "" if problem is None else (problem.get("message", "") + "\n" + (problem.text or "")).strip()
+        outcomes[code_cells[int(match[1])].metadata["check"]["id"]] = "" if problem is None else \
+            _last_error_line(text, problem.tag)
+    return outcomes
 
 
 def _last_error_line(text: str, kind: str) -> str:
@@ -250,109 +362,195 @@ def _last_error_line(text: str, kind: str) -> str:
     return (lines[-1] if lines else text.splitlines()[-1] if text else "failed")[:500]
 
 
-# ---------------------------------------------------------------- scoring
-def write_inputs(folder: Path, checks: dict[str, Check], seed: int) -> dict[str, dict]:
-    """Draw every check's inputs (seed + the check's rank by id), save them for the kernel, and return
-    them: the grader verifies against these, never against a copy the kernel could have touched."""
+# ---------------------------------------------------------------- verifying, in a child process
+def draw_inputs(checks: dict[str, Check], seed: int) -> dict[str, dict]:
+    """Every check's inputs, drawn once per batch with seed + the check's rank by id, before any kernel runs.
+    The grader verifies against these, never against the copies that the kernel reads."""
+    return {check_id: spec.make_inputs(seed + offset) for offset, (check_id, spec) in enumerate(sorted(checks.items()))}
+
+
+def write_inputs(folder: Path, inputs: dict[str, dict]) -> None:
     (folder / "inputs").mkdir()
-    (folder / "outputs").mkdir()
-    inputs = {}
-    for offset, (check_id, spec) in enumerate(sorted(checks.items())):
-        inputs[check_id] = spec.make_inputs(seed + offset)
-        torch.save(inputs[check_id], folder / "inputs" / f"{check_id}.pt")
-    return inputs
+    for check_id, value in inputs.items():
+        torch.save(value, folder / "inputs" / f"{check_id}.pt")
 
 
-def score_check(spec: Check, inputs: dict, folder: Path, error: str) -> tuple[bool, str]:
-    """Verify the outputs the kernel saved for one check, in this process."""
-    outputs_path = folder / "outputs" / f"{spec.id}.pt"
-    if not outputs_path.exists():
-        return False, error or "the check cell did not record outputs (it failed, or an earlier cell stopped the run)"
+def envelope(x, depth: int = 0) -> tuple[int, str]:
+    """(elements, problem) of a record's outputs: only plain data, tensors contiguous in storages of their own
+    size, and no deeper than 8 levels (a tampered record could otherwise exhaust the grader's memory)."""
+    if depth > 8:
+        return 0, "nested too deep"
+    if isinstance(x, torch.Tensor):
+        size = x.numel() * x.element_size()
+        ok = x.is_contiguous() and x.untyped_storage().nbytes() == size and x.storage_offset() == 0
+        return x.numel(), "" if ok else f"a tensor of shape {tuple(x.shape)} is not laid out as its own storage"
+    if isinstance(x, (list, tuple, dict)):
+        total, items = 0, (list(x.items()) if isinstance(x, dict) else list(enumerate(x)))
+        for key, value in items:
+            if isinstance(x, dict) and not isinstance(key, (str, int)):
+                return 0, f"a key of type {type(key).__name__}"
+            count, problem = envelope(value, depth + 1)
+            total += count + 1
+            if problem or total > MAX_ELEMENTS:
+                return total, problem or f"more than {MAX_ELEMENTS} elements"
+        return total, ""
+    return 1, "" if x is None or isinstance(x, (bool, int, float, str)) else f"a value of type {type(x).__name__}"
+
+
+_VERIFIER: dict = {}  # in the verifier process: the checks by id
+
+
+def _start_verifier(lab: str, hidden_dir: str | None, memory_gb: float) -> None:
+    """The verifier process: capped, and with every check and reference imported before any kernel runs."""
+    memory = int(memory_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    _VERIFIER.update(checks_of_lab(lab) | {h.id: h for h in hidden_checks(lab, Path(hidden_dir) if hidden_dir else None)})
+    from labkit.checks import references
+    references.preload()
+
+
+def _verify(check_id: str, inputs: dict, record_path: str, token: str) -> tuple[bool, str, str]:
+    """In the verifier process: (passed, message, integrity flag) of one record."""
     try:
-        outputs = torch.load(outputs_path, weights_only=True)
-        if not isinstance(outputs, dict):
-            raise AssertionError("the recorded outputs are not a dict")
-        # Verification imports reference libraries lazily, and transformers' lazy modules are not
-        # thread-safe: the batch's threads verify one at a time (it is quick).
-        with IMPORT_LOCK:
-            return True, spec.verdict(inputs, outputs)
+        record = torch.load(record_path, weights_only=True)
+    except Exception as error:
+        return False, f"the record could not be read ({type(error).__name__})", "a malformed record"
+    if not isinstance(record, dict) or set(record) != {"token", "outputs", "integrity"} or record["token"] != token:
+        return False, "not recorded by its check cell", "a record that its check cell did not make"
+    found = record["integrity"]
+    flag = "; ".join(found) if isinstance(found, list) and all(isinstance(f, str) for f in found) else "a malformed record"
+    _, problem = envelope(record["outputs"])
+    if problem or not isinstance(record["outputs"], dict):
+        return False, f"malformed outputs: {problem or 'not a dict'}", flag or "malformed outputs"
+    try:
+        return True, _VERIFIER[check_id].verdict(inputs, record["outputs"]), flag
     except AssertionError as failure:
-        return False, str(failure)[:1000]
-    except Exception as error:  # a malformed or tampered outputs file, or outputs of the wrong kind
-        return False, f"outputs could not be verified ({type(error).__name__}: {str(error)[:300]})"
+        return False, str(failure)[:1000], flag
+    except Exception as error:  # outputs of the wrong kind
+        return False, f"outputs could not be verified ({type(error).__name__}: {str(error)[:300]})", flag
 
 
-def grade_one(path: Path, name: str, plan: Plan, out_dir: Path, limits: Limits, seed: int,
-              private: list[Path]) -> Submission:
-    """Grade one submission; write ``<out_dir>/<name>/results.json`` and the log of its run."""
-    result = Submission(name=name, seed=seed)
+class Verifier:
+    """Verifies records in a child process, with an address-space limit and a time limit per record; a
+    record that breaks either fails its check, and the process is started anew."""
+
+    def __init__(self, lab: str, hidden_dir: Path | None, memory_gb: float, seconds: float = 120):
+        self.args, self.seconds = (lab, str(hidden_dir) if hidden_dir else None, memory_gb), seconds
+        self.pool = self._start()
+
+    def _start(self) -> concurrent.futures.ProcessPoolExecutor:
+        pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                      initializer=_start_verifier, initargs=self.args)
+        pool.submit(int).result()  # the checks and references are imported now, before any kernel runs
+        return pool
+
+    def verify(self, check_id: str, inputs: dict, record_path: Path, token: str) -> tuple[bool, str, str]:
+        future = self.pool.submit(_verify, check_id, inputs, str(record_path), token)
+        try:
+            return future.result(timeout=self.seconds)
+        except (concurrent.futures.TimeoutError, concurrent.futures.process.BrokenProcessPool):
+            for process in list(getattr(self.pool, "_processes", {}).values()):
+                process.kill()
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = self._start()
+            return False, "verifying the record exceeded its memory or time limit", "an oversized record"
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+# ---------------------------------------------------------------- grading one submission
+def grade_one(entry: Entry, plan: Plan, out_dir: Path, limits: Limits, seed: int, inputs: dict[str, dict],
+              private: list[Path], verifier: Verifier) -> Submission:
+    """Grade one submission; write ``<out_dir>/<key>/results.json`` and the log of its run."""
+    result = Submission(name=entry.key, seed=seed)
     start = time.perf_counter()
-    notebook, reason = read_submission(path, plan.pristine.metadata["labkit"]["lab"])
+    notebook, reason = read_submission(entry.path, plan.lab)
     if notebook is None:
         result.status = reason
         result.checks = [CheckResult(i, p, False, f"not graded: {reason}", h) for i, p, h in plan.cells]
     else:
         rebuilt = rebuild(notebook, plan.pristine, [hidden_cell(h) for h in plan.hidden])
+        result.integrity = tampering(rebuilt)
+        tokens = {check_id: secrets.token_hex(16) for check_id in plan.checks}
+        graded = graded_notebook(rebuilt, plan, tokens)
         with tempfile.TemporaryDirectory(prefix="labkit-grade-", dir=sandbox.scratch_root()) as tmp:
-            folder = Path(tmp)
-            os.chmod(folder, 0o755)
-            nbformat.write(rebuilt, folder / "submission.ipynb")
+            folder = Path(tmp) / "run"
+            folder.mkdir()
+            nbformat.write(graded, folder / "submission.ipynb")
             (folder / "conftest.py").write_text(CONFTEST)
-            inputs = write_inputs(folder, plan.checks, seed)
-            import labkit
-            keep = [folder, Path(sys.prefix), Path(sys.base_prefix), Path(labkit.__file__).parent]
+            write_inputs(folder, inputs)
+            sandbox.prepare(folder, writable=["outputs", "home"])
+            keep = [Path(tmp), Path(sys.prefix), Path(sys.base_prefix), ROOT / "labkit"]
             log, result.sandbox = run_nbval(folder, limits, sandbox.private_paths(keep, private))
-            errors = cell_errors(folder, rebuilt)
-            for check_id, points, is_hidden in graded_checks(rebuilt):
-                passed, message = score_check(plan.checks[check_id], inputs[check_id], folder, errors.get(check_id, ""))
-                result.checks.append(CheckResult(check_id, points, passed, message, is_hidden))
-            (out_dir / name).mkdir(parents=True, exist_ok=True)
-            (out_dir / name / "log.txt").write_text(log)
+            result.checks = score(folder, graded, plan, inputs, tokens, verifier)
+            stray = sorted(p.name for p in (folder / "outputs").iterdir() if p.stem not in plan.checks)
+            result.integrity += [f"files in the outputs folder that no check cell wrote: {', '.join(stray[:5])}"] * bool(stray)
+            (out_dir / entry.key).mkdir(parents=True, exist_ok=True)
+            (out_dir / entry.key / "log.txt").write_text(log)
+    result.integrity += [f"{c.id}: {c.flag}" for c in result.checks if c.flag]
+    if result.integrity:  # flagged checks score 0, pending review: one check's probe flags it, any other finding all
+        everything = len(result.integrity) > sum(bool(c.flag) for c in result.checks)
+        result.checks = [CheckResult(c.id, c.points, False, f"integrity: pending review ({c.message})", c.hidden, c.flag)
+                         if c.passed and (c.flag or everything) else c for c in result.checks]
     result.seconds = time.perf_counter() - start
-    write_results(result, out_dir / name / "results.json")
+    write_results(result, out_dir / entry.key / "results.json")
     return result
+
+
+def score(folder: Path, graded: nbformat.NotebookNode, plan: Plan, inputs: dict[str, dict], tokens: dict[str, str],
+          verifier: Verifier) -> list[CheckResult]:
+    """Each check: its cell must have run without error and recorded outputs with its token; then verify."""
+    outcomes, results = cell_outcomes(folder, graded), []
+    for check_id, points, is_hidden in graded_checks(graded):
+        record, error = folder / "outputs" / f"{check_id}.pt", outcomes.get(check_id)
+        if not record.exists():
+            message = error or "the check cell did not record outputs (it failed, or an earlier cell stopped the run)"
+            results.append(CheckResult(check_id, points, False, message, is_hidden))
+            continue
+        passed, message, flag = verifier.verify(check_id, inputs[check_id], record, tokens[check_id])
+        if error:  # a record, but its cell did not finish cleanly
+            passed, message = False, error
+        results.append(CheckResult(check_id, points, passed, message, is_hidden, flag))
+    return results
 
 
 # ---------------------------------------------------------------- reports
 def write_results(result: Submission, path: Path) -> None:
-    """Gradescope's results.json, with each check's id and message, and the seed of the run's inputs."""
+    """Gradescope's results.json: each check's id and message, the seed and any integrity finding."""
     tests = [{"name": c.id, "score": c.points if c.passed else 0.0, "max_score": c.points,
               "output": ("" if c.passed else "FAILED: ") + c.message,
               "visibility": "after_published" if c.hidden else "visible",
               "status": "passed" if c.passed else "failed"} for c in result.checks]
+    output = result.status if result.status != "graded" else f"sandbox: {result.sandbox}"
+    if result.integrity:
+        output += "\nintegrity: " + "; ".join(result.integrity)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
-        "score": result.score, "execution_time": round(result.seconds, 1),
-        "output": result.status if result.status != "graded" else f"sandbox: {result.sandbox}",
-        "tests": tests,
-        "labkit": {"submission": result.name, "status": result.status, "sandbox": result.sandbox,
-                   "seed": result.seed, "checks": [asdict(c) for c in result.checks]},
+        "score": result.score, "execution_time": round(result.seconds, 1), "output": output, "tests": tests,
+        "labkit": {"submission": result.name, "status": result.status, "sandbox": result.sandbox, "seed": result.seed,
+                   "integrity": result.integrity, "checks": [asdict(c) for c in result.checks]},
     }, indent=2))
 
 
 def write_scores(results: list[Submission], path: Path) -> None:
-    """One row per submission, one column per check, the total, the status and the seed (``--seed`` regrades)."""
+    """One row per submission, one column per check, the total, the status, integrity findings and the seed."""
     check_ids = list(dict.fromkeys(c.id for r in results for c in r.checks))
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["submission", *check_ids, "total", "max", "status", "seed"])
+        writer.writerow(["submission", *check_ids, "total", "max", "status", "integrity", "seed"])
         for r in sorted(results, key=lambda r: r.name):
             by_id = {c.id: (c.points if c.passed else 0) for c in r.checks}
             writer.writerow([r.name, *(by_id.get(i, 0) for i in check_ids), r.score,
-                             sum(c.points for c in r.checks), r.status, r.seed])
-
-
-def find_submissions(paths: list[Path]) -> list[Path]:
-    found = []
-    for path in paths:
-        found += sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    return found
+                             sum(c.points for c in r.checks), r.status, "; ".join(r.integrity), r.seed])
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The grader imports nothing from the folder it runs in: a file planted there cannot shadow a module.
+    sys.path[:] = [p for p in sys.path if p not in ("", os.getcwd())]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("submissions", nargs="+", type=Path, help="notebooks, or folders of notebooks")
-    parser.add_argument("--lab", required=True, help="the lab id, e.g. 01a")
+    parser.add_argument("submissions", nargs="+", type=Path, help="notebooks, or folders searched for notebooks")
+    parser.add_argument("--lab", required=True, help="the lab: its id (01a) or its notebook's name")
     parser.add_argument("--out", type=Path, default=Path("grading-out"), help="where the reports go")
     parser.add_argument("--hidden", type=Path, default=None, help="a private folder of hidden checks")
     parser.add_argument("--workers", type=int, default=1)
@@ -364,32 +562,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labs-dir", type=Path, default=ROOT / "labs")
     args = parser.parse_args(argv)
     limits = Limits(args.cell_timeout, args.timeout, args.memory_gb)
-    # The seed is secret by default: a submission cannot carry answers for inputs it cannot know.
-    seed = secrets.randbelow(2**31) if args.seed is None else args.seed
+    seed = secrets.randbelow(2**31) if args.seed is None else args.seed  # secret: no answers can be precomputed
     try:
         plan = grading_plan(args.lab, args.labs_dir, args.hidden)
-    except (LookupError, OSError) as error:
+        entries, notes = find_submissions(args.submissions)
+    except (LookupError, OSError, ValueError) as error:
         print(f"labkit.grade: {error}", file=sys.stderr)
         return 2
-    paths = find_submissions(args.submissions)
-    private = [ROOT / "hidden_checks", ROOT / "solutions", *{p.resolve().parent for p in paths}, args.out.resolve()]
-    if args.hidden:
-        private.append(args.hidden.resolve())
+    for note in notes:
+        print(f"note: {note}", flush=True)
+    private = [ROOT / "hidden_checks", ROOT / "solutions", *sandbox.verify_side(), *map(Path.resolve, args.submissions),
+               args.out.resolve()] + ([args.hidden.resolve()] if args.hidden else [])
     args.out.mkdir(parents=True, exist_ok=True)
+    inputs, verifier = draw_inputs(plan.checks, seed), Verifier(plan.lab, args.hidden, args.memory_gb)
     results = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
-        futures = {pool.submit(grade_one, p, p.stem, plan, args.out, limits, seed, private): p for p in paths}
+        futures = {pool.submit(grade_one, e, plan, args.out, limits, seed, inputs, private, verifier): e
+                   for e in entries}
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
-            path = futures[future]
+            entry = futures[future]
             try:
                 result = future.result()
-            except Exception as error:  # a grader bug must not stop the batch
-                result = Submission(name=path.stem, status=f"grader error: {type(error).__name__}: {error}", seed=seed)
-                write_results(result, args.out / path.stem / "results.json")
+            except Exception as error:  # a grader bug must not stop the batch, and every check is listed
+                message = f"grader error: {type(error).__name__}: {error}"
+                result = Submission(name=entry.key, status=message, seed=seed,
+                                    checks=[CheckResult(i, p, False, message, h) for i, p, h in plan.cells])
+                write_results(result, args.out / entry.key / "results.json")
             results.append(result)
             total = sum(c.points for c in result.checks)
-            print(f"[{done}/{len(paths)}] {result.name}: {result.score:g}/{total:g} "
-                  f"({result.seconds:.0f} s){'' if result.status == 'graded' else ' - ' + result.status}", flush=True)
+            print(f"[{done}/{len(entries)}] {result.name}: {result.score:g}/{total:g} ({result.seconds:.0f} s)"
+                  + ("" if result.status == "graded" else f" - {result.status}")
+                  + (f" - integrity: {'; '.join(result.integrity)}" if result.integrity else ""), flush=True)
+    verifier.close()
     write_scores(results, args.out / "scores.csv")
     passed = sum(c.passed for r in results for c in r.checks)
     failed = sum(not c.passed for r in results for c in r.checks)

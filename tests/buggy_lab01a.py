@@ -147,11 +147,66 @@ def gpt_future_leak(ns):
     return GPT
 
 
+def _gpt_forward(ns, forward):
+    class GPT(ns["GPT"]):
+        pass
+    GPT.forward = forward
+    return GPT
+
+
+def gpt_no_position_embedding(ns):
+    def forward(self, idx):
+        x = self.tok_emb(idx)  # BUG: no position embedding
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+    return _gpt_forward(ns, forward)
+
+
+def gpt_positions_from_tokens(ns):
+    def forward(self, idx):
+        x = self.tok_emb(idx) + self.pos_emb(idx % self.max_len)  # BUG: the token ids as positions
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+    return _gpt_forward(ns, forward)
+
+
+def gpt_skips_blocks(ns):
+    def forward(self, idx):
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1]))  # BUG: the blocks are never run
+        return self.lm_head(self.ln_f(x))
+    return _gpt_forward(ns, forward)
+
+
+def gpt_no_final_norm(ns):
+    def forward(self, idx):
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(x)  # BUG: no ln_f
+    return _gpt_forward(ns, forward)
+
+
+def gpt_constant_logits(ns):
+    def forward(self, idx):  # BUG: all-zero logits score exactly ln V at initialisation
+        return torch.zeros(*idx.shape, self.lm_head.out_features)
+    return _gpt_forward(ns, forward)
+
+
 def gpt_untied(ns):
     class GPT(ns["GPT"]):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.lm_head.weight = nn.Parameter(self.lm_head.weight.detach().clone())  # BUG: untied
+    return GPT, ns["gpt_param_count"]
+
+
+def gpt_one_dummy_parameter(ns):
+    class GPT(nn.Module):  # BUG: a stub whose one parameter has the right number of elements
+        def __init__(self, vocab_size, d_model, n_heads, n_layers, max_len):
+            super().__init__()
+            self.dummy = nn.Parameter(torch.zeros(ns["gpt_param_count"](vocab_size, d_model, n_layers, max_len)))
     return GPT, ns["gpt_param_count"]
 
 
@@ -222,9 +277,16 @@ BUGS = {
                 (mha_cross_keys_from_x, r"cross-attention")],
     "01a.block": [(ffn_relu, r"FeedForward .*GELU"),
                   (block_post_norm, r"DecoderBlock \(pre-norm")],
-    "01a.gpt": [(gpt_future_leak, r"GPT is not causal: the logits at position 0 change")],
-    "01a.param_count": [(gpt_untied, r"tie lm_head.weight")],
-    "01a.init_loss": [(gpt_default_init, r"loss at initialisation is .* initialise the weights")],
+    "01a.gpt": [(gpt_future_leak, r"GPT is not causal: the logits at position 0 change"),
+                (gpt_no_position_embedding, r"GPT2LMHeadModel.*GPT-2 with no positions"),
+                (gpt_positions_from_tokens, r"GPT2LMHeadModel.*GPT-2 with positions from tokens"),
+                (gpt_skips_blocks, r"GPT2LMHeadModel.*GPT-2 with no blocks"),
+                (gpt_no_final_norm, r"GPT2LMHeadModel.*GPT-2 with no final norm"),
+                (gpt_constant_logits, r"GPT2LMHeadModel")],
+    "01a.param_count": [(gpt_untied, r"tie lm_head.weight"),
+                        (gpt_one_dummy_parameter, r"1 parameter tensors, the largest of")],
+    "01a.init_loss": [(gpt_default_init, r"loss at initialisation is .* initialise the weights"),
+                      (gpt_constant_logits, r"the logits are the same for every token")],
     "01a.generate": [(generate_no_crop, r"max_len"),
                      (generate_temperature_after_softmax, r"temperature=0.5"),
                      (generate_top_k_off_by_one, r"top_k=1, new token 0 is not the argmax")],

@@ -186,5 +186,5 @@ def test_make_target_is_declared():
 
 def test_unknown_lab_is_refused(tmp_path, capsys):
     assert autograder.main(["--lab", "99z", "--out", str(tmp_path)]) == 2
-    assert "no checks for lab '99z'" in capsys.readouterr().err
+    assert "no lab '99z'" in capsys.readouterr().err
     assert not os.listdir(tmp_path)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +10,10 @@ from typing import Any, Callable
 
 import torch
 
-from labkit.checks.compare import Suspects, assert_bf16_close, compare
+from labkit.checks.comparison import Suspects, assert_bf16_close, compare
 from labkit.checks.factories import seeded_generator
 from labkit.checks.kernel import forbidding, run_cases
 
-GRADING_ENV = "LABKIT_GRADING_DIR"
 
 
 @dataclass(frozen=True)
@@ -124,23 +122,7 @@ def hidden_checks(lab: str, hidden_dir: Path | None = None) -> list[HiddenCheck]
 
 # ---------------------------------------------------------------- running
 def check(check_id: str, *student: Any) -> None:
-    """Run check ``check_id`` on the student's functions or classes and print the verdict.
-
-    Under the grader (``LABKIT_GRADING_DIR`` set), only record the outputs on the grader's inputs."""
+    """Run check ``check_id`` on the student's functions or classes and print the verdict."""
     spec = get_check(check_id)
-    if os.environ.get(GRADING_ENV):
-        record(check_id, spec.collect, *student, forbid=spec.forbid)
-        return
     inputs = spec.make_inputs(0)
     print(spec.verdict(inputs, spec.run_collect(inputs, *student)))
-
-
-def record(check_id: str, collect: Callable[..., dict], *student: Any, forbid: tuple[str, ...] = ()) -> None:
-    """Grading mode: save ``collect(inputs, *student)`` on the grader's inputs. The first record is final."""
-    folder = Path(os.environ[GRADING_ENV])
-    inputs = torch.load(folder / "inputs" / f"{check_id}.pt", weights_only=True)
-    with forbidding(forbid):
-        outputs = collect(inputs, *student)
-    with open(folder / "outputs" / f"{check_id}.pt", "xb") as f:  # "x": never overwrite an earlier record
-        torch.save(outputs, f)
-    print(f"{check_id}: outputs recorded for grading")

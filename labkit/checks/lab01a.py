@@ -148,27 +148,39 @@ def block(inputs: dict, out: dict) -> str:
 GPT_CONFIG = {"vocab_size": 50, "d_model": 32, "n_heads": 4, "n_layers": 2, "max_len": 16}
 
 
+def gpt_weights(config: dict, g: torch.Generator) -> dict:
+    """Lab 1a's GPT weights, larger than its initialisation so that every bug shows, the output tied."""
+    d, w = config["d_model"], {}
+    for i in range(config["n_layers"]):
+        w |= (norm_weights(f"blocks.{i}.ln1", d, g) | attention_weights(f"blocks.{i}.attn", d, g)
+              | norm_weights(f"blocks.{i}.ln2", d, g) | mlp_weights(f"blocks.{i}.ffn", d, 4 * d, g))
+    # Embeddings of std 0.3: logits of a few units, where float32 stays well within 1e-5 of float64
+    embeddings = {"tok_emb.weight": 0.3 * torch.randn(config["vocab_size"], d, generator=g),
+                  "pos_emb.weight": 0.3 * torch.randn(config["max_len"], d, generator=g)}
+    return embeddings | w | norm_weights("ln_f", d, g) | {"lm_head.weight": embeddings["tok_emb.weight"]}
+
+
 def gpt_inputs(seed: int) -> dict:
     g = seeded_generator(seed)
-    V = GPT_CONFIG["vocab_size"]
-    return {"config": dict(GPT_CONFIG), "seed": seed, "idx": torch.randint(V, (3, 12), generator=g),
-            "future": torch.randint(V, (3, 12), generator=g)}
+    V, L = GPT_CONFIG["vocab_size"], GPT_CONFIG["max_len"]
+    return {"config": dict(GPT_CONFIG), "weights": gpt_weights(GPT_CONFIG, g), "idx": torch.randint(V, (3, 12), generator=g),
+            "future": torch.randint(V, (3, 12), generator=g), "full": torch.randint(V, (2, L), generator=g)}
 
 
 def gpt_collect(inputs: dict, GPT) -> dict:
-    torch.manual_seed(inputs["seed"])
-    model = GPT(**inputs["config"]).eval()
+    model = build(GPT, inputs["weights"], "GPT", **inputs["config"])
     idx, future = inputs["idx"], inputs["future"]
     with torch.no_grad():
         # For each t, replace the tokens after position t by other tokens.
         changed = [model(torch.cat([idx[:, :t + 1], future[:, t + 1:]], dim=1)) for t in range(idx.shape[1])]
-        return {"logits": model(idx), "changed": torch.stack(changed), "short": model(idx[:, :1])}
+        return {"logits": model(idx), "changed": torch.stack(changed), "short": model(idx[:, :1]),
+                "full": model(inputs["full"])}
 
 
 @define("01a.gpt", gpt_inputs, gpt_collect)
 def gpt(inputs: dict, out: dict) -> str:
-    B, T = inputs["idx"].shape
-    V = inputs["config"]["vocab_size"]
+    c, idx = inputs["config"], inputs["idx"]
+    (B, T), V = idx.shape, c["vocab_size"]
     for name, shape in (("logits", (B, T, V)), ("short", (B, 1, V))):
         as_tensor(f"GPT(idx) for idx of shape {(B, shape[1])}: logits (batch, time, vocab_size)", out[name], shape)
     for t in range(T - 1):
@@ -177,7 +189,16 @@ def gpt(inputs: dict, out: dict) -> str:
             i = int(torch.nonzero(diff > 1e-5)[0])
             raise AssertionError(f"GPT is not causal: the logits at position {i} change when the tokens after "
                                  f"position {t} change (by up to {diff.max().item():.3g})")
-    return "logits have shape (B, T, vocab_size), and no position's logits depend on later tokens"
+    for name, tokens in (("logits", idx), ("full", inputs["full"])):
+        compare(f"GPT's logits for idx of shape {tuple(tokens.shape)} (vs transformers' GPT2LMHeadModel with the same "
+                "weights)", out[name], ref.gpt2_logits(c, inputs["weights"], tokens),
+                hint="token + position embeddings, the blocks, ln_f, then lm_head (tied to the token embedding)",
+                suspects={f"this is GPT-2 with {bug}: {why}": lambda bug=bug: ref.gpt2_logits(c, inputs["weights"], tokens, bug)
+                          for bug, why in (("no positions", "add pos_emb(positions) to the token embeddings"),
+                                           ("positions from tokens", "index pos_emb with the positions 0 .. T-1"),
+                                           ("no blocks", "run x through every block"),
+                                           ("no final norm", "apply ln_f before lm_head"))})
+    return "matches transformers' GPT2LMHeadModel with the same weights, and no position's logits depend on later tokens"
 
 
 def reference_param_count(vocab_size: int, d_model: int, n_layers: int, max_len: int) -> int:
@@ -194,7 +215,7 @@ def param_count_inputs(seed: int) -> dict:
 def param_count_collect(inputs: dict, GPT, gpt_param_count) -> dict:
     out = {}
     for i, c in enumerate(inputs["configs"]):
-        out[f"model{i}"] = sum(p.numel() for p in GPT(**c).parameters())
+        out[f"model{i}"] = sorted(p.numel() for p in GPT(**c).parameters())
         out[f"formula{i}"] = gpt_param_count(c["vocab_size"], c["d_model"], c["n_layers"], c["max_len"])
     return out
 
@@ -203,9 +224,14 @@ def param_count_collect(inputs: dict, GPT, gpt_param_count) -> dict:
 def param_count(inputs: dict, out: dict) -> str:
     for i, c in enumerate(inputs["configs"]):
         want = reference_param_count(c["vocab_size"], c["d_model"], c["n_layers"], c["max_len"])
-        untied = want + c["vocab_size"] * c["d_model"]
-        compare(f"GPT({c}): the number of parameters of the model", out[f"model{i}"], want,
+        untied, sizes = want + c["vocab_size"] * c["d_model"], out[f"model{i}"]
+        compare(f"GPT({c}): the number of parameters of the model", sum(sizes), want,
                 suspects={"vocab_size * d_model too many: tie lm_head.weight to the token embedding's weight": untied})
+        largest = max(c["vocab_size"], c["max_len"], 4 * c["d_model"]) * c["d_model"]  # an embedding or W1
+        if len(sizes) < 4 + 12 * c["n_layers"] or sizes[-1] > largest:
+            raise AssertionError(f"GPT({c}) has {len(sizes)} parameter tensors, the largest of {sizes[-1]} elements: "
+                                 f"the lab's GPT has at least {4 + 12 * c['n_layers']} (embeddings, LayerNorms, "
+                                 f"weights and biases of every block), none larger than {largest}")
         compare(f"gpt_param_count for {c} (the model has {want} parameters)", out[f"formula{i}"], want)
     return "the model's parameter count equals the closed form"
 
@@ -226,6 +252,9 @@ def init_loss_collect(inputs: dict, GPT) -> dict:
 def init_loss(inputs: dict, out: dict) -> str:
     V = inputs["config"]["vocab_size"]
     logits = as_tensor("GPT logits", out["logits"], (*inputs["idx"].shape, V))
+    if logits.std(dim=-1).max() < 1e-3:
+        raise AssertionError("the logits are the same for every token of the vocabulary: a model must compute them "
+                             "from its weights (lm_head(ln_f(...))), not return a constant")
     loss = F.cross_entropy(logits.flatten(0, 1), inputs["targets"].flatten()).item()
     if abs(loss - math.log(V)) > 0.15:
         raise AssertionError(f"loss at initialisation is {loss:.3f}, but a model that knows nothing should score "

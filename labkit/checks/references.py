@@ -39,6 +39,15 @@ def hf(model: str, *names: str):
     return found[0] if len(found) == 1 else found
 
 
+def preload() -> None:
+    """Import every module a reference may need, now: the grader does it before any kernel runs."""
+    for model in ("llama", "mistral", "mixtral", "mamba", "gpt2", "bert", "t5", "deepseek_v3"):
+        hf(model, "__name__")
+    sentence_transformers()
+    import tokenizers  # noqa: F401
+    import torch.utils.flop_counter  # noqa: F401
+
+
 # ---------------------------------------------------------------- configurations
 def llama_config(d_model: int, n_heads: int, n_kv_heads: int | None = None, d_ff: int | None = None, *,
                  rope_base: float = 10000.0, rope_type: str = "default", rope_factor: float = 1.0,
@@ -86,6 +95,37 @@ def gpt2_config(vocab_size: int, d_model: int, n_heads: int, n_layers: int, max_
     return GPT2Config(vocab_size=vocab_size, n_embd=d_model, n_head=n_heads, n_layer=n_layers, n_positions=max_len,
                       activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                       attn_implementation="eager", **extra)
+
+
+def gpt2_logits(config: dict, weights: dict, idx: torch.Tensor, bug: str = "") -> torch.Tensor:
+    """transformers' ``GPT2LMHeadModel`` carrying Lab 1a's GPT weights, in float64: its logits for ``idx``.
+    ``bug`` builds the usual wrong models, for diagnoses: "no positions", "positions from tokens" (the token ids
+    taken as positions), "no blocks" or "no final norm"."""
+    w, L = doubled(weights), config["n_layers"]
+    state = {"transformer.wte.weight": w["tok_emb.weight"], "transformer.wpe.weight": w["pos_emb.weight"],
+             "lm_head.weight": w["tok_emb.weight"], "transformer.ln_f.weight": w["ln_f.weight"],
+             "transformer.ln_f.bias": w["ln_f.bias"]}
+    for i in range(L):  # GPT-2's Conv1D layers store their weights as (in, out)
+        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
+        flip = lambda t: t.T if t.dim() == 2 else t
+        for kind in ("weight", "bias"):
+            state[f"{theirs}attn.c_attn.{kind}"] = flip(torch.cat([w[f"{ours}attn.{n}_proj.{kind}"] for n in "qkv"]))
+            for a, b in (("attn.out_proj", "attn.c_proj"), ("ffn.fc1", "mlp.c_fc"), ("ffn.fc2", "mlp.c_proj")):
+                state[f"{theirs}{b}.{kind}"] = flip(w[f"{ours}{a}.{kind}"])
+            state[f"{theirs}ln_1.{kind}"], state[f"{theirs}ln_2.{kind}"] = w[f"{ours}ln1.{kind}"], w[f"{ours}ln2.{kind}"]
+    model = hf("gpt2", "GPT2LMHeadModel")(gpt2_config(config["vocab_size"], config["d_model"], config["n_heads"],
+                                                      0 if bug == "no blocks" else L, config["max_len"]))
+    model.load_state_dict(state, strict=False)
+    model = model.double().eval()
+    if bug == "no final norm":
+        model.transformer.ln_f = nn.Identity()
+    embeds = model.transformer.wte(idx)
+    if bug in ("no positions", "positions from tokens"):  # GPT-2 adds wpe itself: zero it, and add our own
+        table = model.transformer.wpe.weight.detach().clone()
+        model.transformer.wpe.weight.data.zero_()
+        embeds = embeds + (table[idx % config["max_len"]] if bug == "positions from tokens" else 0)
+    with torch.no_grad():
+        return model(inputs_embeds=embeds).logits
 
 
 # ---------------------------------------------------------------- attention

@@ -48,7 +48,7 @@ from pathlib import Path
 import nbformat
 import torch
 
-from labkit import sandbox
+from labkit import recording, sandbox
 from labkit.checks import kernel
 from labkit.checks.core import Check, HiddenCheck, checks_of_lab, hidden_checks
 from labkit.sandbox import Limits
@@ -70,7 +70,7 @@ TAMPERING = {
     r"input_transformers|ast_transformers|\.events\.register|register_magic": "changes how IPython runs later cells",
     r"\bsettrace\b|\bsetprofile\b|addaudithook": "installs a trace, profile or audit hook",
     r"LABKIT_|GRADING_DIR": "reads or changes the grading environment",
-    r"labkit\.(checks|grade|sandbox|autograder)\b|from labkit\.?\w* import .*\b(record|kernel|checks)\b":
+    r"labkit\.(checks|grade|sandbox|autograder|recording)\b|from labkit\.?\w* import .*\b(record|kernel|checks|recording)\b":
         "reaches into the grading machinery",
     r"DisableTorchFunction|TorchFunctionMode|TorchDispatchMode|_disabled_torch_function":
         "intercepts or disables PyTorch's function handling",
@@ -161,8 +161,8 @@ def recording_source(spec: Check, args: tuple[str, ...], token: str) -> str:
     """What the kernel runs for a check cell: the check's collect (as source code) on the student's objects."""
     own = spec.collect.__module__ != kernel.__name__  # a case table's collect is in the kernel's module already
     source = textwrap.dedent(inspect.getsource(spec.collect)) if own else ""
-    return (f"# Check {spec.id}, run by the grader\nimport labkit.checks.kernel\n"
-            f"labkit.checks.kernel.record({spec.id!r}, {token!r}, {source!r}, {spec.collect.__name__!r}, "
+    return (f"# Check {spec.id}, run by the grader\nimport labkit.recording\n"
+            f"labkit.recording.record({spec.id!r}, {token!r}, {source!r}, {spec.collect.__name__!r}, "
             f"{''.join(a + ', ' for a in args)}forbid={spec.forbid!r})")
 
 
@@ -301,7 +301,7 @@ def graded_notebook(rebuilt: nbformat.NotebookNode, plan: Plan, tokens: dict[str
             args = spec.args if isinstance(spec, HiddenCheck) else tuple(
                 a.strip() for a in call["args"].split(",") if a.strip())
             cell.source = recording_source(spec, args, tokens[spec.id])
-    graded.cells.insert(0, nbformat.v4.new_code_cell("import labkit.checks.kernel\nlabkit.checks.kernel.snapshot()"))
+    graded.cells.insert(0, nbformat.v4.new_code_cell("import labkit.recording\nlabkit.recording.snapshot()"))
     return graded
 
 
@@ -326,7 +326,9 @@ def run_nbval(folder: Path, limits: Limits, hidden: list[Path]) -> tuple[str, st
                "submission.ipynb"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LABKIT_", "JUPYTER", "PYTEST", "PYTHON"))}
     inside = sandbox.GRADING_FOLDER  # where the folder appears in the sandbox
-    env |= {kernel.GRADING_ENV: inside, "LABKIT_MAX_STEPS": str(limits.max_steps), "MPLBACKEND": "Agg",
+    threads = str(limits.threads)  # more threads than cores, and PyTorch's OpenMP workers spin: 4x slower
+    env |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    env |= {recording.GRADING_ENV: inside, "LABKIT_MAX_STEPS": str(limits.max_steps), "MPLBACKEND": "Agg",
             "PYTHONDONTWRITEBYTECODE": "1", "PYTHONSAFEPATH": "1", "HOME": f"{inside}/home",
             "JUPYTER_RUNTIME_DIR": f"{inside}/home/runtime", "TMPDIR": "/tmp"}
     readonly = sorted({ROOT, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), ROOT / "labkit"})
@@ -561,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-gb", type=float, default=Limits.memory_gb)
     parser.add_argument("--labs-dir", type=Path, default=ROOT / "labs")
     args = parser.parse_args(argv)
-    limits = Limits(args.cell_timeout, args.timeout, args.memory_gb)
+    workers = max(1, args.workers)
+    limits = Limits(args.cell_timeout, args.timeout, args.memory_gb, threads=max(1, (os.cpu_count() or 1) // workers))
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed  # secret: no answers can be precomputed
     try:
         plan = grading_plan(args.lab, args.labs_dir, args.hidden)
@@ -576,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     inputs, verifier = draw_inputs(plan.checks, seed), Verifier(plan.lab, args.hidden, args.memory_gb)
     results = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(grade_one, e, plan, args.out, limits, seed, inputs, private, verifier): e
                    for e in entries}
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):

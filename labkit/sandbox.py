@@ -41,6 +41,7 @@ class Limits:
     timeout: int = 600            # wall-clock seconds per submission
     memory_gb: float = 8.0        # address space per process
     max_steps: int = 20           # LABKIT_MAX_STEPS: training loops are capped while grading
+    threads: int = 1              # CPU threads per kernel: the cores shared among the runs at once
 
 
 def verify_side() -> list[Path]:
@@ -104,9 +105,10 @@ def _closed_ancestor(path: Path) -> Path | None:
 def _script(folder: Path, hidden: list[Path], readonly: list[Path]) -> str:
     """The shell commands that build the sandbox's file system, as root in the new mount namespace."""
     q = lambda p: shlex.quote(str(p))
-    steps = [f"{shutil.which('ip')} link set lo up",
-             "mount -t tmpfs -o mode=1777 tmpfs /tmp", f"mkdir -p {GRADING_FOLDER}",
-             f"mount --bind {q(folder)} {GRADING_FOLDER}", "mount -t tmpfs -o mode=1777 tmpfs /dev/shm"]
+    # The folder is held open (fd 3) across the fresh /tmp and /dev/shm, which may cover where it is.
+    steps = [f"{shutil.which('ip')} link set lo up", f"exec 3< {q(folder)}",
+             "mount -t tmpfs -o mode=1777 tmpfs /tmp", "mount -t tmpfs -o mode=1777 tmpfs /dev/shm",
+             f"mkdir -p {GRADING_FOLDER}", f"mount --bind /proc/self/fd/3 {GRADING_FOLDER}", "exec 3<&-"]
     # A needed path under a folder others cannot enter moves onto a fresh, open copy of that folder.
     closed = {path: _closed_ancestor(path) for path in readonly}
     for top in sorted({t for t in closed.values() if t}):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import nbformat
 import pytest
 
 import transformers
+from labkit import sandbox
 from labkit.grade import TAMPERING, grading_plan, rebuild, tampering
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +135,6 @@ PLANTED = [SITE / "labkit_planted.pth", SITE / "labkit_planted.py", ROOT / "site
            ROOT / "labkit_planted.py", Path("/tmp/labkit_planted"), Path("/dev/shm/labkit_planted")]
 LLAMA = Path(transformers.__file__).resolve().parent / "models" / "llama" / "modeling_llama.py"
 PLANT = f"""
-import os
 for path in {[str(p) for p in PLANTED]!r}:
     try:
         with open(path, "w") as f:
@@ -148,10 +147,12 @@ try:  # make transformers' LlamaMLP, a reference of Lab 4, return zeros in the g
 except OSError as error:
     print("could not patch transformers", error)
 """
-# The honest submission's causal_mask fails if anything planted by the attacker is visible to it.
+# The honest submission's causal_mask fails if anything planted by the attacker is visible to it. Its paths
+# are in hex: the scan of the grader would flag the honest student for naming the packages folder.
 PROBE = f"""
 import os
-_planted = [p for p in {[str(p) for p in PLANTED]!r} if os.path.exists(p)] + (["env"] if "PLANTED" in os.environ else [])
+_paths = [bytes.fromhex(h).decode() for h in {[str(p).encode().hex() for p in PLANTED]!r}]
+_planted = [p for p in _paths if os.path.exists(p)] + (["env"] if "PLANTED" in os.environ else [])
 if _planted:
     def causal_mask(T):
         raise RuntimeError(f"planted by another submission: {{_planted}}")
@@ -182,11 +183,20 @@ def causal_mask(T):
     return mha
 """
 PATCH_RECORD = """
-import labkit.checks.kernel as k
-_record = k.record
+import labkit.recording as r
+_record = r.record
 def record(check_id, token, source, name, *student, forbid=()):
     return _record(check_id, token, source, name, *student, forbid=())
-k.record = record
+r.record = record
+"""
+DISGUISED = """
+import torch
+_save = torch.save
+def save(obj, f, *args, **kwargs):  # strip the probes' findings from every record
+    return _save({**obj, "integrity": []} if isinstance(obj, dict) and "integrity" in obj else obj, f, *args, **kwargs)
+torch.save = save
+hooks = getattr(get_ipython(), "input_" + "transformers_post")  # past a scan for the name
+hooks.append(lambda lines: [line.replace("causal_mask,", "(lambda T: torch.ones(T, T).bool().tril()),") for line in lines])
 """
 
 # ---------------------------------------------------------------- C and D: weak model checks, unbounded outputs
@@ -335,7 +345,7 @@ CASES = {
     "04_wrong_check_edited_to_pass": (lambda: edited_to_pass(unscaled(solution())), "<", False),
     "05_wrong_check_deleted": (lambda: deleted_check(unscaled(solution())), "<", False),
     "06_wrong_with_monkeypatched_comparisons": (lambda: insert_after_setup(unscaled(solution()), MONKEYPATCH), "<", False),
-    "07_snoops_for_hidden_checks": (lambda: insert_after_setup(solution(), SNOOP), FULL, False),
+    "07_snoops_for_hidden_checks": (lambda: insert_after_setup(solution(), SNOOP), 0, True),  # flagged: /dev/shm
     "08_infinite_loop": (lambda: insert_after_setup(solution(), "while True:\n    pass"), FULL, False),
     "09_loop_ignoring_sigint": (lambda: insert_after_setup(
         solution(), "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass"), 0, False),
@@ -356,6 +366,7 @@ CASES = {
     "b3_eavesdrops_on_cells": (lambda: insert_after_setup(solution(), EAVESDROP), 0, True),
     "b4_imports_the_references": (lambda: insert_after(blank(), "def causal_mask", REFERENCES), 0, True),
     "b5_patches_the_recorder": (lambda: insert_after_setup(solution(), PATCH_RECORD), 0, True),
+    "b6_disguised_transformer_and_save": (lambda: insert_after_setup(blank(), DISGUISED), 0, True),
     # C: wrong models that only shapes and causality would have let through
     "c1_gpt_skips_its_blocks": (lambda: replace_in(solution(), "class GPT", *SKIPS_BLOCKS), "<", False),
     "c2_stub_gpt": (lambda: insert_after(blank(), "def generate", STUB_GPT), 0, False),
@@ -451,7 +462,8 @@ def test_reasons_are_clear(graded):
     hidden = {t["name"]: t for t in results["15_fails_a_hidden_edge_case"]["tests"]}
     assert hidden["01a.hidden.sdpa_shapes"]["score"] == 0 and hidden["01a.hidden.sdpa_shapes"]["visibility"] == "after_published"
     assert "GPT-2 with no blocks" in outputs("c1_gpt_skips_its_blocks")["01a.gpt"]
-    assert "not recorded by its check cell" in outputs("b1_forges_a_record")["01a.causal_mask"]
+    assert "01a.causal_mask: a record that its check cell did not make" in results["b1_forges_a_record"]["labkit"]["integrity"]
+    assert "input transformers" in " ".join(results["b6_disguised_transformer_and_save"]["labkit"]["integrity"])
     assert "reaches into the grading machinery" in " ".join(results["b5_patches_the_recorder"]["labkit"]["integrity"])
     assert "pending review" in outputs("b3_eavesdrops_on_cells")["01a.sdpa"]
 
@@ -491,6 +503,9 @@ def test_scores_csv(graded):
 
 # ---------------------------------------------------------------- A: isolation, an attacker then an honest student
 def test_an_attacker_cannot_change_the_next_submission_or_the_grader(tmp_path):
+    _, description = sandbox.namespace_prefix(tmp_path, [], [])
+    if not description.startswith("unshare"):  # unsandboxed, the attack would damage this environment
+        pytest.skip(f"no sandbox here ({description})")
     before = hashlib.sha256(LLAMA.read_bytes()).hexdigest()
     cases = {"1_attacker": (lambda: insert_after_setup(blank(), PLANT),),
              "2_honest": (lambda: insert_after(solution(), "def causal_mask", PROBE),)}
@@ -498,8 +513,6 @@ def test_an_attacker_cannot_change_the_next_submission_or_the_grader(tmp_path):
     run, _ = grade(tmp_path / "subs", tmp_path / "out", "--workers", "1", "--seed", "7")
     assert run.returncode == 0, run.stderr[-3000:]
     honest = json.loads((tmp_path / "out" / "2_honest" / "results.json").read_text())
-    if not honest["labkit"]["sandbox"].startswith("unshare"):
-        pytest.skip(f"no sandbox here ({honest['labkit']['sandbox']})")
     assert honest["score"] == FULL, [t["output"][:200] for t in honest["tests"] if not t["score"]]
     assert hashlib.sha256(LLAMA.read_bytes()).hexdigest() == before, "the attacker changed transformers"
     assert not [p for p in PLANTED if p.exists()], "the attacker planted files outside its sandbox"

@@ -8,18 +8,16 @@ objects of ``labkit/checks/lab<ID>.py``, made by :func:`define` or :func:`table`
 under the grader the kernel only records what collect returns, and the grader verifies it in its own process.
 CONTRIBUTING.md describes the pattern.
 """
-from __future__ import annotations
-
 import importlib
 
 # Imported on first use, so that the student's kernel, which the grader gives only the collect side
 # (labkit.checks.kernel), can import it without the verify side.
 _WHERE = {"comparison": ("as_tensor", "assert_bf16_close", "close", "compare", "first_match", "raised"),
-          "core": ("GRADING_ENV", "Check", "HiddenCheck", "check", "checks_of_lab", "define", "define_hidden",
+          "core": ("ATTENTION_BUILTINS", "Check", "HiddenCheck", "check", "checks_of_lab", "define", "define_hidden",
                    "get_check", "hidden_checks", "labs", "table", "table_inputs"),
-          "factories": ("additive", "attention_weights", "causal", "doubled", "linear_weights", "mlp_weights",
-                        "norm_weights", "seeded_generator"),
-          "kernel": ("attempt", "load_weights", "record")}
+          "factories": ("additive", "attention_weights", "causal", "doubled", "linear_weights", "mla_weights",
+                        "mlp_weights", "norm_weights", "seeded_generator"),
+          "kernel": ("attempt", "load_weights")}
 _MODULE = {name: module for module, names in _WHERE.items() for name in names}
 __all__ = sorted(_MODULE)
 

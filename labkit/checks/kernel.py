@@ -7,9 +7,7 @@ against forbidden built-ins, the collect of case tables, and stand-ins and probe
 from __future__ import annotations
 
 import functools
-import os
 import sys
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,7 +21,6 @@ from labkit.memory import PeakTensorMemory
 __all__ = ["ConcatCache", "FixedLogits", "PeakTensorMemory", "attempt", "build", "forbidding", "load_state",
            "load_weights", "run_cases"]
 RAISED = "raised"  # the key of an attempt that raised: {"raised": "TypeError: ..."}
-GRADING_ENV = "LABKIT_GRADING_DIR"  # set by the grader: the folder of the run's inputs and outputs
 
 
 def build(cls, weights: dict[str, torch.Tensor], what: str, *args, **kwargs) -> nn.Module:
@@ -176,80 +173,3 @@ class FixedLogits(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         assert idx.shape[1] <= self.max_len, f"the model got {idx.shape[1]} tokens, more than max_len={self.max_len}"
         return self.logits.expand(*idx.shape, -1)
-
-
-# ---------------------------------------------------------------- grading: records and integrity probes
-_BASELINE: dict = {}
-
-
-def _hooks() -> dict:
-    """What a submission could use to change how later cells run, or to watch them."""
-    state = {"a trace or profile hook (sys.settrace...)": tuple(map(_foreign, (
-                 sys.gettrace(), sys.getprofile(), threading.gettrace(), threading.getprofile()))),
-             "a TorchFunctionMode": len(torch.overrides._get_current_function_mode_stack()),
-             "torch function handling (torch._C.DisableTorchFunction)": torch._C._is_torch_function_enabled(),
-             "the grading environment variables": (os.environ.get(GRADING_ENV), os.environ.get("LABKIT_MAX_STEPS"))}
-    try:
-        shell = get_ipython()  # noqa: F821 (IPython's kernel puts it in the builtins)
-    except NameError:  # not in IPython
-        return state
-    lists = [getattr(shell, name) for name in ("input_transformers_cleanup", "input_transformers_post", "ast_transformers")]
-    state["IPython's input transformers or events"] = tuple(sum(map(_foreign, hooks)) for hooks in
-                                                             [*lists, *shell.events.callbacks.values()])
-    return state
-
-
-def _foreign(hook) -> bool:
-    """Whether ``hook`` is code of the notebook's own (installed packages register hooks of their own)."""
-    if hook is None:
-        return False
-    hook = getattr(getattr(hook, "__func__", hook), "func", hook)  # bound methods, functools.partial
-    code = getattr(hook, "__code__", None) or getattr(getattr(type(hook), "__call__", None), "__code__", None)
-    return not getattr(code, "co_filename", "").startswith((sys.prefix, sys.base_prefix))
-
-
-def snapshot() -> None:
-    """The grader's first cell: remember the kernel's hooks before any student cell runs."""
-    _BASELINE.update(_hooks())
-
-
-def integrity() -> list[str]:
-    """The hooks that differ from the snapshot: each is a way to tamper with the cells that follow."""
-    return [f"{name} changed since the notebook started" for name, value in _hooks().items()
-            if _BASELINE and value != _BASELINE.get(name)]
-
-
-def _tidy(x):
-    """Outputs as the grader accepts them: plain data, and tensors detached, contiguous and in storages of their
-    own size; anything else (a NumPy value, an object) as a number, a tensor or, failing that, its repr."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().contiguous().clone().requires_grad_(x.requires_grad and x.is_floating_point())
-    if isinstance(x, (list, tuple)):
-        return type(x)(_tidy(y) for y in x)
-    if isinstance(x, dict):
-        return {k if isinstance(k, (str, int)) else repr(k): _tidy(v) for k, v in x.items()}
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    if hasattr(x, "item") and getattr(x, "ndim", None) == 0:  # a NumPy scalar
-        return x.item()
-    try:
-        return torch.as_tensor(x).contiguous().clone()  # a NumPy array
-    except (TypeError, RuntimeError, ValueError):
-        return repr(x)[:200]
-
-
-def record(check_id: str, token: str, source: str, name: str, *student, forbid: tuple[str, ...] = ()) -> None:
-    """Grading mode, the whole of a check cell: define the check's collect from its ``source`` with nothing but
-    torch and this module in reach, run it on the grader's inputs, and save what it returns with the cell's
-    ``token`` (which only this cell was given) and what the integrity probes saw. The first record is final."""
-    folder = Path(os.environ[GRADING_ENV])
-    namespace = {"torch": torch, "nn": nn, "F": F} | {n: globals()[n] for n in __all__}
-    exec(compile(source, f"<collect of {check_id}>", "exec"), namespace)
-    inputs = torch.load(folder / "inputs" / f"{check_id}.pt", weights_only=True)
-    found = integrity()
-    with forbidding(forbid):
-        outputs = namespace[name](inputs, *student)
-    found += [f for f in integrity() if f not in found]
-    with open(folder / "outputs" / f"{check_id}.pt", "xb") as f:  # "x": a file already there is not overwritten
-        torch.save({"token": token, "outputs": _tidy(outputs), "integrity": found}, f)
-    print(f"{check_id}: outputs recorded for grading")

@@ -1,8 +1,8 @@
 """Hidden checks of Lab 2: the visible checks on edge cases, and against Hugging Face's Llama and DeepSeek-V3."""
+
 import torch
 
-from labkit.checks import table_inputs
-from labkit.checks import lab02 as visible
+from labkit.checks import lab02 as visible, table_inputs
 
 repeat_kv_hf = visible.repeat_kv.variant("02.hidden.repeat_kv_hf", table_inputs(lambda g: [
     {"what": f"repeat_kv on a non-contiguous (2, 4, 3, 5) input, n_rep={n} (vs torch.repeat_interleave on dim 1, "

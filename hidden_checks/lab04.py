@@ -1,5 +1,4 @@
 """Hidden checks of Lab 4: edge cases of the same API (see README.md)."""
-from __future__ import annotations
 
 import torch
 

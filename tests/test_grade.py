@@ -304,7 +304,7 @@ STYLE_B = [  # (a line of the solution, the same computation written another way
     ("    scores = q @ k.transpose(-2, -1) / math.sqrt(d)  # (..., T_q, T_k)",
      "    q = q / math.sqrt(d)  # scale q first\n    scores = q @ k.transpose(-2, -1)"),
     ('        scores = scores.masked_fill(~mask, float("-inf"))',
-     "        scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)"),
+     "        scores = scores.masked_fill(mask.logical_not(), torch.finfo(scores.dtype).min)"),
     ("        return x.view(B, T, self.n_heads, self.d_head).transpose(1, 2)",
      "        return x.reshape(B, T, self.n_heads, self.d_head).permute(0, 2, 1, 3)"),
 ]
@@ -379,7 +379,7 @@ CASES = {
         '"01a.causal_mask", causal_mask) comes next\n    """(T, T)'), FULL, False),
     "e3_copied_check_metadata": (copied_check_metadata, FULL, False),
     "e4_style_einsum_dropout_categorical": (lambda: insert_after(solution(), "def generate", STYLE_A), FULL, False),
-    "e5_style_where_finfo_permute": (style_b, FULL, False),
+    "e5_style_q_first_finfo_permute": (style_b, FULL, False),
 }
 
 

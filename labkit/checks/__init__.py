@@ -8,6 +8,7 @@ objects of ``labkit/checks/lab<ID>.py``, made by :func:`define` or :func:`table`
 under the grader the kernel only records what collect returns, and the grader verifies it in its own process.
 CONTRIBUTING.md describes the pattern.
 """
+
 import importlib
 
 # Imported on first use, so that the student's kernel, which the grader gives only the collect side

@@ -4,7 +4,6 @@
 largest difference and where it occurs, and then, only then, tries the check's *suspects* (the
 outputs of known wrong versions) to name the student's bug.
 """
-from __future__ import annotations
 
 import math
 from typing import Any
@@ -33,11 +32,8 @@ def as_tensor(what: str, value, shape: tuple | None = None) -> torch.Tensor:
 
 
 def close(got, want, atol: float = 1e-5) -> bool:
-    """Whether ``got`` is a finite tensor of ``want``'s shape within ``atol`` of it (or an equal value)."""
-    if not isinstance(want, torch.Tensor):
-        return _value_problem(got, want, atol) == ""
-    return (isinstance(got, torch.Tensor) and got.shape == want.shape and bool(torch.isfinite(got).all())
-            and bool(((got.detach().double() - want.detach().double()).abs() <= atol).all()))
+    """Whether ``got`` passes :func:`compare`: a finite tensor of ``want``'s shape within ``atol``, or equal values."""
+    return (_tensor_problem if isinstance(want, torch.Tensor) else _value_problem)(got, want, atol) == ""
 
 
 def compare(what: str, got, want, atol: float = 1e-5, hint: str = "", suspects: Suspects | None = None) -> None:
@@ -65,7 +61,7 @@ def _tensor_problem(got, want: torch.Tensor, atol: float) -> str:
     if not torch.isfinite(got).all():
         bad = tuple(torch.nonzero(~torch.isfinite(got))[0].tolist())
         return f"non-finite value {got[bad].item()} at index {bad}"
-    diff = (got - want).abs()
+    diff = (got - want).abs().nan_to_num(nan=math.inf, posinf=math.inf)  # a NaN expected is a difference too
     if diff.numel() == 0 or diff.max() <= atol:
         return ""
     worst = tuple(torch.nonzero(diff == diff.max())[0].tolist())
@@ -108,7 +104,5 @@ def assert_bf16_close(what: str, got, want: torch.Tensor, hint: str = "", max_sh
 
 
 def first_match(got, candidates: Suspects, atol: float = 1e-5) -> str:
-    """The name of the first candidate that ``got`` matches (computing each only when it is reached),
-    else ``""``."""
-    return next((name for name, wrong in candidates.items() if close(got, wrong() if callable(wrong) else wrong, atol)),
-                "")
+    """The name of the first candidate that ``got`` matches (each computed only when reached), else ``""``."""
+    return next((name for name, bug in candidates.items() if close(got, bug() if callable(bug) else bug, atol)), "")

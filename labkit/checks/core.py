@@ -1,9 +1,8 @@
 """Checks: how they are defined, found, run in a notebook, and recorded for the grader."""
-from __future__ import annotations
 
 import importlib
-import importlib.util
 import pkgutil
+import runpy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +13,7 @@ from labkit.checks.comparison import Suspects, assert_bf16_close, compare
 from labkit.checks.factories import seeded_generator
 from labkit.checks.kernel import forbidding, run_cases
 
+ATTENTION_BUILTINS = ("F.scaled_dot_product_attention", "nn.MultiheadAttention")  # forbidden where a lab builds its own
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,7 @@ def table_inputs(cases: Callable[[torch.Generator], list[dict]]) -> Callable[[in
 # ---------------------------------------------------------------- finding checks
 def labs() -> list[str]:
     """The ids of the labs that have checks: one module ``labkit/checks/lab<ID>.py`` each."""
-    folder = Path(__file__).parent
-    return sorted(m.name[3:] for m in pkgutil.iter_modules([str(folder)]) if m.name.startswith("lab"))
+    return sorted(m.name[3:] for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name.startswith("lab"))
 
 
 def checks_of_lab(lab: str) -> dict[str, Check]:
@@ -112,12 +111,8 @@ def hidden_checks(lab: str, hidden_dir: Path | None = None) -> list[HiddenCheck]
     """The hidden checks of ``lab`` in ``<hidden_dir>/lab<lab>.py`` (the repository's ``hidden_checks/``
     by default; none if there is no such file), in the order the file defines them."""
     path = (hidden_dir or Path(__file__).resolve().parents[2] / "hidden_checks") / f"lab{lab}.py"
-    if not path.exists():
-        return []
-    spec = importlib.util.spec_from_file_location(f"hidden_checks_lab{lab}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return [c for c in vars(module).values() if isinstance(c, HiddenCheck)]
+    found = runpy.run_path(str(path)).values() if path.exists() else ()
+    return [c for c in found if isinstance(c, HiddenCheck)]
 
 
 # ---------------------------------------------------------------- running

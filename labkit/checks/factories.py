@@ -6,7 +6,6 @@ the parameters as the labs' modules do (``q_proj.weight``, ``fc1.bias``, ``gate_
 scaled like PyTorch's default initialisation, with biases and norm gains away from 0 and 1 so
 that a forgotten bias or gain shows.
 """
-from __future__ import annotations
 
 import math
 
@@ -24,18 +23,14 @@ def _name(prefix: str, name: str) -> str:
 
 def linear_weights(prefix: str, d_in: int, d_out: int, g: torch.Generator, bias: bool = True) -> dict:
     """Random weights for an ``nn.Linear(d_in, d_out)`` named ``prefix``, scaled like its default init."""
-    weights = {f"{prefix}.weight": torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in)}
-    if bias:
-        weights[f"{prefix}.bias"] = 0.1 * torch.randn(d_out, generator=g)
-    return weights
+    return ({f"{prefix}.weight": torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in)}
+            | ({f"{prefix}.bias": 0.1 * torch.randn(d_out, generator=g)} if bias else {}))
 
 
 def norm_weights(prefix: str, d: int, g: torch.Generator, bias: bool = True) -> dict:
     """A norm's gain near 1 (and bias near 0), named ``prefix.weight`` (and ``prefix.bias``)."""
-    weights = {_name(prefix, "weight"): 1 + 0.1 * torch.randn(d, generator=g)}
-    if bias:
-        weights[_name(prefix, "bias")] = 0.1 * torch.randn(d, generator=g)
-    return weights
+    return ({_name(prefix, "weight"): 1 + 0.1 * torch.randn(d, generator=g)}
+            | ({_name(prefix, "bias"): 0.1 * torch.randn(d, generator=g)} if bias else {}))
 
 
 def attention_weights(prefix: str, d_model: int, g: torch.Generator, n_heads: int = 1, n_kv_heads: int | None = None,
@@ -51,8 +46,7 @@ def attention_weights(prefix: str, d_model: int, g: torch.Generator, n_heads: in
 
 
 def mlp_weights(prefix: str, d_model: int, d_ff: int, g: torch.Generator, gated: bool = False) -> dict:
-    """An FFN's weights: ``fc1`` and ``fc2`` with biases, or, ``gated``, Llama's ``gate_proj``,
-    ``up_proj`` and ``down_proj`` without."""
+    """An FFN: ``fc1``, ``fc2`` with biases or, ``gated``, Llama's ``gate_proj``, ``up_proj``, ``down_proj`` without."""
     if gated:
         return (linear_weights(_name(prefix, "gate_proj"), d_model, d_ff, g, bias=False)
                 | linear_weights(_name(prefix, "up_proj"), d_model, d_ff, g, bias=False)

@@ -4,7 +4,6 @@ A ``collect`` uses only ``torch`` and the names of this module, so that it can r
 cannot be reached: loaders, :func:`attempt` (an exception becomes a record that verify reports), the guard
 against forbidden built-ins, the collect of case tables, and stand-ins and probes that checks share.
 """
-from __future__ import annotations
 
 import functools
 import sys

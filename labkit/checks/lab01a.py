@@ -4,7 +4,6 @@ References: ``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``, ``F.l
 ``F.gelu``; closed-form properties (causality, a parameter count, ln V at initialisation) and the
 statistics of sampling.
 """
-from __future__ import annotations
 
 import math
 

@@ -1,17 +1,15 @@
 """Checks of Lab 1b against transformers' BERT, sentence-transformers, tokenizers, nn.Transformer and T5's buckets."""
-from __future__ import annotations
 
 import math
 
 import torch
 import torch.nn.functional as F
 
-from labkit.checks import (as_tensor, attention_weights, causal, compare, define, mlp_weights, norm_weights, raised,
-                           references as ref, seeded_generator, table_inputs)
+from labkit.checks import (ATTENTION_BUILTINS, as_tensor, attention_weights, causal, compare, define, mlp_weights,
+                           norm_weights, raised, references as ref, seeded_generator, table_inputs)
 from labkit.checks.kernel import attempt, build, load_state, run_cases
 from labkit.data import minilm_files
 
-ATTENTION_BUILTINS = ("F.scaled_dot_product_attention", "nn.MultiheadAttention")  # the lab builds its own attention
 ENCDEC_CONFIG = {"vocab_size": 20, "d_model": 16, "n_heads": 4, "n_layers": 2, "max_len": 12}
 
 
@@ -272,10 +270,9 @@ def greedy_collect(inputs: dict, EncoderDecoder, greedy_decode) -> dict:
     model = build(EncoderDecoder, inputs["weights"], "EncoderDecoder", **inputs["config"])
     # enc_ln ends every pass of the encoder; then each decoder layer's cross-attention k_proj and v_proj
     watched = [model.enc_ln, *(getattr(layer.cross_attn, p) for layer in model.decoder for p in ("k_proj", "v_proj"))]
-    ran = []
+    ran, runs = [], []
     for module in watched:
         module.register_forward_hook(lambda module, *_: ran.append(module))
-    runs = []
     for n, B in inputs["calls"]:
         ran.clear()
         with torch.no_grad():

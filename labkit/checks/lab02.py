@@ -1,15 +1,11 @@
 """Checks of Lab 2: GQA, the KV cache, MLA and FlashAttention, against PyTorch built-ins, closed forms and papers."""
-from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from labkit.checks import as_tensor, attention_weights, causal, compare, define, raised, seeded_generator, table
-from labkit.checks import references as ref
-from labkit.checks.factories import mla_weights
+from labkit.checks import (ATTENTION_BUILTINS, as_tensor, attention_weights, causal, compare, define, mla_weights,
+                           raised, references as ref, seeded_generator, table)
 from labkit.checks.kernel import ConcatCache, PeakTensorMemory, attempt, build, run_cases
-
-ATTENTION_BUILTINS = ("F.scaled_dot_product_attention", "nn.MultiheadAttention")
 
 repeat_kv = table(
     "02.repeat_kv", lambda g: [
@@ -245,15 +241,14 @@ kv_bytes = table(  # "student": which of the check's two functions a case calls
 def flash_inputs(seed: int) -> dict:
     g, big, causal32 = seeded_generator(seed), 3000.0, {"causal": True, "block_size": 32}
     (q, k, v), qkv130 = torch.randn(3, 2, 3, 100, 16, generator=g), torch.randn(3, 1, 2, 130, 8, generator=g)
-    return {"cases": [
+    return {"memory": list(torch.randn(3, 1, 2, 256, 8, generator=g)), "cases": [
         {"what": "T = 100, block_size = 32 (T not a multiple of the block)", "args": [q, k, v],
          "kwargs": {"block_size": 32}},
         {"what": "causal, T = 100, block_size = 32", "args": [q, k, v], "kwargs": causal32},
         {"what": "causal, T = 130, default block_size", "args": list(qkv130), "kwargs": {"causal": True}},
         {"what": f"causal, q and k scaled by {big:g} (logits around 1e7)", "args": [q * big, k * big, v],
          "kwargs": causal32, "atol": 1e-4,
-         "hint": "exponentiate s - m_new, never s itself: the running max keeps every exponent <= 0"}],
-        "memory": list(torch.randn(3, 1, 2, 256, 8, generator=g))}
+         "hint": "exponentiate s - m_new, never s itself: the running max keeps every exponent <= 0"}]}
 
 
 def flash_collect(inputs: dict, flash_attention) -> dict:
@@ -267,8 +262,7 @@ def flash_collect(inputs: dict, flash_attention) -> dict:
 
 @define("02.flash", flash_inputs, flash_collect, forbid=ATTENTION_BUILTINS)
 def flash(inputs: dict, out: dict) -> str:
-    sdpa = lambda *qkv, causal=False, **_: F.scaled_dot_product_attention(  # block_size aside
-        *(t.double() for t in qkv), is_causal=causal)
+    sdpa = lambda *qkv, causal=False, **_: F.scaled_dot_product_attention(*(t.double() for t in qkv), is_causal=causal)
     for case, got in zip(inputs["cases"], out["outputs"], strict=True):
         compare(f"flash_attention, {case['what']} (vs F.scaled_dot_product_attention)", got,
                 sdpa(*case["args"], **case["kwargs"]), case.get("atol", 1e-5), case.get("hint", "keep a running max m "

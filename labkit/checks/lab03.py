@@ -1,13 +1,11 @@
 """Checks of Lab 3: position encodings, against the 2017 closed form, Hugging Face's Llama (rotate_half, RoPE tables
 and scalings, apply_rotary_pos_emb, LlamaAttention), RoFormer's rotation, the ALiBi paper's slopes and SDPA."""
-from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from labkit.checks import (additive, as_tensor, attention_weights, causal, compare, define, doubled, seeded_generator,
-                           table, table_inputs)
-from labkit.checks import references as ref
+from labkit.checks import (ATTENTION_BUILTINS, additive, as_tensor, attention_weights, causal, compare, define,
+                           doubled, references as ref, seeded_generator, table, table_inputs)
 from labkit.checks.kernel import attempt, run_cases
 
 
@@ -215,12 +213,12 @@ rope_attention = table(
     "03.rope_attention",
     lambda g: attention_cases(g, 32, 10, [(4, {"pos": "rope", "rope_base": b}) for b in (1e4, 100.0)]),
     attention_reference, "with pos='rope' the attention equals Hugging Face's LlamaAttention, weight for weight",
-    suspects=attention_suspects, forbid=("F.scaled_dot_product_attention", "nn.MultiheadAttention"))
+    suspects=attention_suspects, forbid=ATTENTION_BUILTINS)
 alibi_attention = table(
     "03.alibi_attention",
     lambda g: attention_cases(g, 48, 20, [(12, {"pos": None}), (12, {"pos": "alibi"}), (8, {"pos": "alibi"})], 2.0),
     attention_reference, "with pos=None and pos='alibi' the attention equals F.scaled_dot_product_attention",
-    suspects=attention_suspects, forbid=rope_attention.forbid)
+    suspects=attention_suspects, forbid=ATTENTION_BUILTINS)
 
 
 def rope_scaling_inputs(seed: int) -> dict:

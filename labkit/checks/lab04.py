@@ -1,11 +1,9 @@
 """Checks of Lab 4: the feed-forward sublayer, normalisation and the residual stream."""
-from __future__ import annotations
 
 import torch
 
-from labkit.checks import (as_tensor, attention_weights, compare, define, doubled, mlp_weights, norm_weights, table,
-                           table_inputs)
-from labkit.checks import references as ref
+from labkit.checks import (as_tensor, attention_weights, compare, define, doubled, mlp_weights, norm_weights,
+                           references as ref, table, table_inputs)
 from labkit.checks.kernel import run_cases
 
 F_NORMS = ("F.layer_norm", "F.rms_norm")  # forbidden: the lab asks for the norms from tensor operations
@@ -150,8 +148,7 @@ def norm_invariance(inputs: dict, out: dict) -> str:
                       "RMSNorm divides x itself by sqrt(mean(x^2) + eps) and does not centre it": rms})
     ones = torch.ones(ln.shape[:-1], dtype=torch.float64)  # unit weights: mean 0 and variance 1, or mean square 1
     compare("mean over the features of LayerNorm(x) (unit weight, zero bias)", ln.mean(-1), 0 * ones, 1e-4)
-    compare("variance over the features of LayerNorm(x) (unit weight, zero bias)", ln.var(-1, correction=0),
-            ones, 1e-3)
+    compare("variance over the features of LayerNorm(x) (unit weight, zero bias)", ln.var(-1, correction=0), ones, 1e-3)
     compare("mean square over the features of RMSNorm(x) (unit weight)", rms.pow(2).mean(-1), ones, 1e-3)
     return "LayerNorm ignores shift and scale, RMSNorm ignores scale but not shift; unit variance and unit mean square"
 

@@ -5,7 +5,6 @@ Mamba of later labs) with the check's weights copied in; PyTorch built-ins; clos
 It runs on the verify side only, in float64 where it can. The grader verifies in threads and transformers' lazy
 imports are not thread-safe: every import goes through :data:`IMPORT_LOCK`.
 """
-from __future__ import annotations
 
 import functools
 import importlib

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # solution is measured by `make bench`.
 CELL_TIMEOUT ?= 300
 
-.PHONY: setup vendor book test bench labs clean autograder
+.PHONY: setup vendor book test bench labs clean autograder schemas
 
 setup: $(STAMP)
 
@@ -47,3 +47,10 @@ clean:
 LAB ?= 01a
 autograder: setup
 	$(PY) -m labkit.autograder --lab $(LAB) --out _build/autograder $(if $(HIDDEN),--hidden $(HIDDEN))
+
+# The schemas of the checks' outputs (labkit/checks/schemas/), which the grader holds records to: the
+# structure of each solution's outputs, widened over two seeds. Rerun after changing a check's collect.
+schemas: setup
+	for nb in solutions/*.ipynb; do lab=$$(basename $$nb | cut -d- -f1); rm -f labkit/checks/schemas/$$lab.json; \
+		for seed in 0 1; do $(PY) -m labkit.grade $$nb --lab $$lab --seed $$seed --write-schema \
+			--out _build/schemas/$$seed || exit 1; done; done

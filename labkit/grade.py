@@ -378,13 +378,14 @@ def write_inputs(folder: Path, inputs: dict[str, dict]) -> None:
 
 
 def envelope(x, depth: int = 0) -> tuple[int, str]:
-    """(elements, problem) of a record's outputs: only plain data, tensors contiguous in storages of their own
-    size, and no deeper than 8 levels (a tampered record could otherwise exhaust the grader's memory)."""
+    """(elements, problem) of a record's outputs: only plain data, dense CPU tensors contiguous in storages of
+    their own size, and no deeper than 8 levels (a tampered record could otherwise exhaust the grader's memory)."""
     if depth > 8:
         return 0, "nested too deep"
     if isinstance(x, torch.Tensor):
         size = x.numel() * x.element_size()
-        ok = x.is_contiguous() and x.untyped_storage().nbytes() == size and x.storage_offset() == 0
+        ok = (x.layout == torch.strided and x.device.type == "cpu" and x.is_contiguous() and x.storage_offset() == 0
+              and x.untyped_storage().nbytes() == size)
         return x.numel(), "" if ok else f"a tensor of shape {tuple(x.shape)} is not laid out as its own storage"
     if isinstance(x, (list, tuple, dict)):
         total, items = 0, (list(x.items()) if isinstance(x, dict) else list(enumerate(x)))
@@ -399,16 +400,95 @@ def envelope(x, depth: int = 0) -> tuple[int, str]:
     return 1, "" if x is None or isinstance(x, (bool, int, float, str)) else f"a value of type {type(x).__name__}"
 
 
-_VERIFIER: dict = {}  # in the verifier process: the checks by id
+# ---------------------------------------------------------------- what each check's collect returns
+# A check's schema is the structure of its collect's outputs on the solution, written by --write-schema: the
+# keys of every dict, the length of every list, and each tensor's number of axes, kind of dtype and size.
+DTYPE_KINDS = {"b": "integer", "i": "integer", "u": "integer", "f": "floating", "c": "complex"}
 
 
-def _start_verifier(lab: str, hidden_dir: str | None, memory_gb: float) -> None:
+def describe(x):
+    """The schema of one output: JSON data with the structure, kinds and sizes of ``x``."""
+    if isinstance(x, torch.Tensor):
+        return {"tensor": DTYPE_KINDS.get(str(x.dtype).removeprefix("torch.")[0], "other"), "ndim": x.dim(),
+                "numel": x.numel()}
+    if isinstance(x, dict):
+        return {"dict": {str(k): describe(v) for k, v in x.items()}}
+    if isinstance(x, (list, tuple)):
+        return {"list": [describe(v) for v in x]}
+    return {"value": type(x).__name__}
+
+
+def widen(a, b):
+    """A schema that admits everything ``a`` and ``b`` admit (the solution's outputs for two seeds)."""
+    if "tensor" in a and "tensor" in b and a["ndim"] == b["ndim"]:
+        return a | {"numel": max(a["numel"], b["numel"])}
+    if "dict" in a and "dict" in b and a["dict"].keys() == b["dict"].keys():
+        return {"dict": {k: widen(v, b["dict"][k]) for k, v in a["dict"].items()}}
+    if "list" in a and "list" in b:
+        longer, shorter = (a, b) if len(a["list"]) >= len(b["list"]) else (b, a)
+        return {"list": [widen(v, shorter["list"][min(i, len(shorter["list"]) - 1)]) if shorter["list"] else v
+                         for i, v in enumerate(longer["list"])]}
+    if a == b:
+        return a
+    raise ValueError(f"the solution's outputs differ in structure between seeds: {a} and {b}")
+
+
+def misfit(x, schema, where: str = "outputs") -> str:
+    """How ``x`` departs from ``schema`` ("" if it fits). Any output may instead be None or an attempt
+    that raised, and a number stands for a one-element tensor, so that verify can report a wrong answer;
+    sizes may reach 4 times the solution's, plus some slack."""
+    if x is None or (isinstance(x, dict) and set(x) == {kernel.RAISED}):
+        return ""  # verify says what is missing, or what raised
+    if "value" in schema:
+        plain = not isinstance(x, (list, tuple, dict, torch.Tensor)) or (isinstance(x, torch.Tensor) and x.numel() == 1)
+        return "" if plain else f"{where}: a {type(x).__name__}, where collect returns a {schema['value']}"
+    if "tensor" in schema:
+        if isinstance(x, (bool, int, float)):
+            return ""
+        if not isinstance(x, torch.Tensor):
+            return f"{where}: a {type(x).__name__}, where collect returns a tensor"
+        kind = DTYPE_KINDS.get(str(x.dtype).removeprefix("torch.")[0], "other")
+        problems = [f"{x.dim()} axes, not {schema['ndim']}" * (x.dim() != schema["ndim"]),
+                    f"a {kind} dtype, not {schema['tensor']}" * (kind != schema["tensor"]),
+                    f"{x.numel()} elements, far more than {schema['numel']}" * (x.numel() > 4 * schema["numel"] + 4096)]
+        return f"{where}: " + ", ".join(p for p in problems if p) if any(problems) else ""
+    if "dict" in schema:
+        if not isinstance(x, dict) or set(map(str, x)) != set(schema["dict"]):
+            keys = sorted(map(str, x)) if isinstance(x, dict) else type(x).__name__
+            return f"{where}: keys {keys}, where collect returns keys {sorted(schema['dict'])}"
+        return next((p for k, v in x.items() if (p := misfit(v, schema["dict"][str(k)], f"{where}[{k!r}]"))), "")
+    items = schema["list"]
+    if not isinstance(x, (list, tuple)) or len(x) > 4 * len(items) + 64:
+        return f"{where}: {type(x).__name__} of {len(x) if isinstance(x, (list, tuple)) else 1}, where collect " \
+               f"returns a list of {len(items)}"
+    return next((p for i, v in enumerate(x) if items and (p := misfit(v, items[min(i, len(items) - 1)],
+                                                                       f"{where}[{i}]"))), "")
+
+
+_VERIFIER: dict = {}  # in the verifier process: the checks by id, their schemas, and where to learn them
+
+
+def schema_file(lab: str) -> Path:
+    return ROOT / "labkit" / "checks" / "schemas" / f"{lab}.json"
+
+
+def _start_verifier(lab: str, hidden_dir: str | None, memory_gb: float, learn: str | None) -> None:
     """The verifier process: capped, and with every check and reference imported before any kernel runs."""
     memory = int(memory_gb * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    _VERIFIER.update(checks_of_lab(lab) | {h.id: h for h in hidden_checks(lab, Path(hidden_dir) if hidden_dir else None)})
+    _VERIFIER["checks"] = checks_of_lab(lab) | {h.id: h for h in hidden_checks(lab, Path(hidden_dir) if hidden_dir else None)}
+    _VERIFIER["schemas"] = json.loads(schema_file(lab).read_text()) if schema_file(lab).exists() and not learn else {}
+    _VERIFIER["learn"] = learn
     from labkit.checks import references
     references.preload()
+
+
+def _learn(check_id: str, outputs: dict) -> None:
+    """--write-schema: widen the check's schema in the file being written by the solution's outputs."""
+    path = Path(_VERIFIER["learn"])
+    schemas = json.loads(path.read_text()) if path.exists() else {}
+    schemas[check_id] = widen(schemas[check_id], describe(outputs)) if check_id in schemas else describe(outputs)
+    path.write_text("{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(schemas.items())) + "\n}\n")
 
 
 def _verify(check_id: str, inputs: dict, record_path: str, token: str) -> tuple[bool, str, str]:
@@ -419,25 +499,32 @@ def _verify(check_id: str, inputs: dict, record_path: str, token: str) -> tuple[
         return False, f"the record could not be read ({type(error).__name__})", "a malformed record"
     if not isinstance(record, dict) or set(record) != {"token", "outputs", "integrity"} or record["token"] != token:
         return False, "not recorded by its check cell", "a record that its check cell did not make"
-    found = record["integrity"]
+    found, outputs = record["integrity"], record["outputs"]
     flag = "; ".join(found) if isinstance(found, list) and all(isinstance(f, str) for f in found) else "a malformed record"
-    _, problem = envelope(record["outputs"])
-    if problem or not isinstance(record["outputs"], dict):
+    _, problem = envelope(outputs)
+    if problem or not isinstance(outputs, dict):
         return False, f"malformed outputs: {problem or 'not a dict'}", flag or "malformed outputs"
+    if check_id in _VERIFIER["schemas"] and (problem := misfit(outputs, _VERIFIER["schemas"][check_id])):
+        return False, f"outputs unlike what the check's collect returns: {problem}"[:1000], flag
     try:
-        return True, _VERIFIER[check_id].verdict(inputs, record["outputs"]), flag
+        verdict = _VERIFIER["checks"][check_id].verdict(inputs, outputs)
     except AssertionError as failure:
         return False, str(failure)[:1000], flag
     except Exception as error:  # outputs of the wrong kind
         return False, f"outputs could not be verified ({type(error).__name__}: {str(error)[:300]})", flag
+    if _VERIFIER["learn"]:
+        _learn(check_id, outputs)
+    return True, verdict, flag
 
 
 class Verifier:
     """Verifies records in a child process, with an address-space limit and a time limit per record; a
     record that breaks either fails its check, and the process is started anew."""
 
-    def __init__(self, lab: str, hidden_dir: Path | None, memory_gb: float, seconds: float = 120):
-        self.args, self.seconds = (lab, str(hidden_dir) if hidden_dir else None, memory_gb), seconds
+    def __init__(self, lab: str, hidden_dir: Path | None, memory_gb: float, learn: Path | None = None,
+                 seconds: float = 120):
+        self.args = (lab, str(hidden_dir) if hidden_dir else None, memory_gb, str(learn) if learn else None)
+        self.seconds = seconds
         self.pool = self._start()
 
     def _start(self) -> concurrent.futures.ProcessPoolExecutor:
@@ -562,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=int, default=Limits.timeout, help="wall-clock seconds per submission")
     parser.add_argument("--memory-gb", type=float, default=Limits.memory_gb)
     parser.add_argument("--labs-dir", type=Path, default=ROOT / "labs")
+    parser.add_argument("--write-schema", action="store_true",
+                        help="maintainers: widen the schemas of the checks' outputs by these (solution) notebooks' outputs")
     args = parser.parse_args(argv)
     workers = max(1, args.workers)
     limits = Limits(args.cell_timeout, args.timeout, args.memory_gb, threads=max(1, (os.cpu_count() or 1) // workers))
@@ -577,7 +666,8 @@ def main(argv: list[str] | None = None) -> int:
     private = [ROOT / "hidden_checks", ROOT / "solutions", *sandbox.verify_side(), *map(Path.resolve, args.submissions),
                args.out.resolve()] + ([args.hidden.resolve()] if args.hidden else [])
     args.out.mkdir(parents=True, exist_ok=True)
-    inputs, verifier = draw_inputs(plan.checks, seed), Verifier(plan.lab, args.hidden, args.memory_gb)
+    learn = schema_file(plan.lab) if args.write_schema else None
+    inputs, verifier = draw_inputs(plan.checks, seed), Verifier(plan.lab, args.hidden, args.memory_gb, learn)
     results = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(grade_one, e, plan, args.out, limits, seed, inputs, private, verifier): e

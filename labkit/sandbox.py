@@ -46,9 +46,10 @@ class Limits:
 
 def verify_side() -> list[Path]:
     """The checks' verify side, which the kernel must not import: every module of ``labkit/checks`` but the
-    collect side (``kernel.py``) and the package's lazy ``__init__.py``, and their compiled bytecode."""
+    collect side (``kernel.py``) and the package's lazy ``__init__.py``, their compiled bytecode, and the
+    records' schemas."""
     checks = LABKIT / "checks"
-    return [checks / "__pycache__", *(p for p in sorted(checks.glob("*.py")) if p.name not in ("__init__.py",
+    return [checks / "__pycache__", checks / "schemas", *(p for p in sorted(checks.glob("*.py")) if p.name not in ("__init__.py",
                                                                                                "kernel.py"))]
 
 

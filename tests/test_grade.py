@@ -17,10 +17,11 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 
 import transformers
 from labkit import sandbox
-from labkit.grade import TAMPERING, grading_plan, rebuild, tampering
+from labkit.grade import TAMPERING, grading_plan, misfit, rebuild, schema_file, tampering
 
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTION = ROOT / "solutions" / "01a-attention-and-gpt.ipynb"
@@ -573,3 +574,21 @@ def test_correct_styles_are_not_flagged_and_tampering_is():
         notebook = insert_after_setup(solution(), source)
         assert tampering(rebuild(notebook, notebook, [])), source
     assert len(TAMPERING) >= 6
+
+
+@pytest.mark.parametrize("lab", sorted(p.name.split("-")[0] for p in (ROOT / "solutions").glob("*.ipynb")))
+def test_every_check_has_the_schema_of_its_collect(lab):
+    """``make schemas`` writes them; rerun it after changing a collect."""
+    assert set(json.loads(schema_file(lab).read_text())) == set(grading_plan(lab).checks)
+
+
+def test_records_unlike_what_collect_returns_are_refused():
+    schema = json.loads(schema_file("01a").read_text())["01a.causal_mask"]
+    masks = {f"mask{T}": torch.ones(T, T, dtype=torch.bool).tril() for T in (1, 4, 9)}
+    assert misfit(masks, schema) == ""
+    assert misfit(masks | {"mask4": {"raised": "TypeError: ..."}, "mask9": None}, schema) == ""  # verify reports these
+    assert "keys" in misfit(masks | {"extra": torch.zeros(1)}, schema)
+    assert "3 axes, not 2" in misfit(masks | {"mask4": torch.ones(1, 4, 4, dtype=torch.bool)}, schema)
+    assert "a floating dtype, not integer" in misfit(masks | {"mask4": torch.ones(4, 4)}, schema)
+    assert "far more than 81" in misfit(masks | {"mask9": torch.ones(9, 2**20, dtype=torch.bool)}, schema)
+    assert "a list, where collect returns a tensor" in misfit(masks | {"mask1": [True]}, schema)

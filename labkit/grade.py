@@ -525,13 +525,17 @@ class Verifier:
                  seconds: float = 120):
         self.args = (lab, str(hidden_dir) if hidden_dir else None, memory_gb, str(learn) if learn else None)
         self.seconds = seconds
-        self.pool = self._start()
+        self.pool = self._start("fork")  # before the grader starts threads: a copy of it, with torch imported
 
-    def _start(self) -> concurrent.futures.ProcessPoolExecutor:
-        pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+    def _start(self, method: str = "spawn") -> concurrent.futures.ProcessPoolExecutor:
+        pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context(method),
                                                       initializer=_start_verifier, initargs=self.args)
-        pool.submit(int).result()  # the checks and references are imported now, before any kernel runs
+        self.started = pool.submit(int)  # done once the checks and references are imported
         return pool
+
+    def wait_started(self) -> None:
+        """Before any kernel runs: the verifier must have imported everything it will use."""
+        self.started.result()
 
     def verify(self, check_id: str, inputs: dict, record_path: Path, token: str) -> tuple[bool, str, str]:
         future = self.pool.submit(_verify, check_id, inputs, str(record_path), token)
@@ -571,6 +575,7 @@ def grade_one(entry: Entry, plan: Plan, out_dir: Path, limits: Limits, seed: int
             write_inputs(folder, inputs)
             sandbox.prepare(folder, writable=["outputs", "home"])
             keep = [Path(tmp), Path(sys.prefix), Path(sys.base_prefix), ROOT / "labkit"]
+            verifier.wait_started()
             log, result.sandbox = run_nbval(folder, limits, sandbox.private_paths(keep, private))
             result.checks = score(folder, graded, plan, inputs, tokens, verifier)
             stray = sorted(p.name for p in (folder / "outputs").iterdir() if p.stem not in plan.checks)
@@ -667,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
                args.out.resolve()] + ([args.hidden.resolve()] if args.hidden else [])
     args.out.mkdir(parents=True, exist_ok=True)
     learn = schema_file(plan.lab) if args.write_schema else None
-    inputs, verifier = draw_inputs(plan.checks, seed), Verifier(plan.lab, args.hidden, args.memory_gb, learn)
+    verifier = Verifier(plan.lab, args.hidden, args.memory_gb, learn)  # starts while the inputs are drawn
+    inputs = draw_inputs(plan.checks, seed)
     results = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(grade_one, e, plan, args.out, limits, seed, inputs, private, verifier): e

@@ -76,6 +76,7 @@ TAMPERING = {
         "intercepts or disables PyTorch's function handling",
     r"site-packages|dist-packages|/dev/shm|\boutputs/|\binputs/": "writes where the grader keeps its files",
 }
+READONLY = sorted({ROOT, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), ROOT / "labkit"})  # to a kernel
 MAX_ELEMENTS = 2**25  # elements in one record, at most: far more than any check's outputs
 
 
@@ -331,8 +332,7 @@ def run_nbval(folder: Path, limits: Limits, hidden: list[Path]) -> tuple[str, st
     env |= {recording.GRADING_ENV: inside, "LABKIT_MAX_STEPS": str(limits.max_steps), "MPLBACKEND": "Agg",
             "PYTHONDONTWRITEBYTECODE": "1", "PYTHONSAFEPATH": "1", "HOME": f"{inside}/home",
             "JUPYTER_RUNTIME_DIR": f"{inside}/home/runtime", "TMPDIR": "/tmp"}
-    readonly = sorted({ROOT, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), ROOT / "labkit"})
-    return sandbox.run(command, folder, env, limits, hidden, readonly, folder.parent / f"{folder.name}.log")
+    return sandbox.run(command, folder, env, limits, hidden, READONLY, folder.parent / f"{folder.name}.log")
 
 
 def cell_outcomes(folder: Path, notebook: nbformat.NotebookNode) -> dict[str, str]:

@@ -106,10 +106,16 @@ def _closed_ancestor(path: Path) -> Path | None:
 def _script(folder: Path, hidden: list[Path], readonly: list[Path]) -> str:
     """The shell commands that build the sandbox's file system, as root in the new mount namespace."""
     q = lambda p: shlex.quote(str(p))
-    # The folder is held open (fd 3) across the fresh /tmp and /dev/shm, which may cover where it is.
-    steps = [f"{shutil.which('ip')} link set lo up", f"exec 3< {q(folder)}",
-             "mount -t tmpfs -o mode=1777 tmpfs /tmp", "mount -t tmpfs -o mode=1777 tmpfs /dev/shm",
-             f"mkdir -p {GRADING_FOLDER}", f"mount --bind /proc/self/fd/3 {GRADING_FOLDER}", "exec 3<&-"]
+    # The fresh /tmp and /dev/shm may cover the grading folder and the read-only paths (a repository cloned
+    # under /tmp): each is held open across them (fd 3, 4, ...) and bound back, at GRADING_FOLDER or in place
+    # (--no-canonicalize: mount(8) would resolve /proc/self/fd/N to its path, which now names the fresh tmpfs).
+    covered = lambda p: p.is_relative_to("/tmp") or p.is_relative_to("/dev/shm")
+    under = [p for p in readonly if covered(p) and not any(p != r and p.is_relative_to(r) for r in readonly)]
+    held = [(GRADING_FOLDER, folder)] + [(str(p), p) for p in under]
+    steps = [f"{shutil.which('ip')} link set lo up", *(f"exec {3 + i}< {q(p)}" for i, (_, p) in enumerate(held)),
+             "mount -t tmpfs -o mode=1777 tmpfs /tmp", "mount -t tmpfs -o mode=1777 tmpfs /dev/shm"]
+    steps += [f"mkdir -p {q(to)} && mount --no-canonicalize --bind /proc/self/fd/{3 + i} {q(to)} && exec {3 + i}<&-"
+              for i, (to, _) in enumerate(held)]
     # A needed path under a folder others cannot enter moves onto a fresh, open copy of that folder.
     closed = {path: _closed_ancestor(path) for path in readonly}
     for top in sorted({t for t in closed.values() if t}):
@@ -122,8 +128,8 @@ def _script(folder: Path, hidden: list[Path], readonly: list[Path]) -> str:
     # Then the masks (a bind of a folder would not carry them). A path that vanished since it was listed
     # (another run's temporary file) needs no hiding.
     steps += [f"{{ mount {'-t tmpfs -o size=4k none' if p.is_dir() else '--bind /dev/null'} {q(p)}"
-              f" 2>/dev/null || ! test -e {q(p)}; }}" for p in hidden if not p.is_relative_to("/tmp")
-              and not p.is_relative_to("/dev/shm")]
+              f" 2>/dev/null || ! test -e {q(p)}; }}" for p in hidden
+              if not covered(p) or any(p.is_relative_to(r) for r in under)]
     return " && ".join(steps + [f"cd {GRADING_FOLDER}"])
 
 

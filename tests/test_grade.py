@@ -21,7 +21,7 @@ import torch
 
 import transformers
 from labkit import sandbox
-from labkit.grade import TAMPERING, grading_plan, misfit, rebuild, schema_file, tampering
+from labkit.grade import READONLY, TAMPERING, grading_plan, misfit, rebuild, schema_file, tampering
 
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTION = ROOT / "solutions" / "01a-attention-and-gpt.ipynb"
@@ -504,7 +504,7 @@ def test_scores_csv(graded):
 
 # ---------------------------------------------------------------- A: isolation, an attacker then an honest student
 def test_an_attacker_cannot_change_the_next_submission_or_the_grader(tmp_path):
-    _, description = sandbox.namespace_prefix(tmp_path, [], [])
+    _, description = sandbox.namespace_prefix(tmp_path, [], READONLY)
     if not description.startswith("unshare"):  # unsandboxed, the attack would damage this environment
         pytest.skip(f"no sandbox here ({description})")
     before = hashlib.sha256(LLAMA.read_bytes()).hexdigest()
@@ -512,11 +512,14 @@ def test_an_attacker_cannot_change_the_next_submission_or_the_grader(tmp_path):
              "2_honest": (lambda: insert_after(solution(), "def causal_mask", PROBE),)}
     write(tmp_path / "subs", cases)
     run, _ = grade(tmp_path / "subs", tmp_path / "out", "--workers", "1", "--seed", "7")
+    planted = [p for p in PLANTED if p.exists()]
+    for path in planted:  # so that a broken sandbox fails this test only, not every test after it
+        path.unlink()
     assert run.returncode == 0, run.stderr[-3000:]
     honest = json.loads((tmp_path / "out" / "2_honest" / "results.json").read_text())
     assert honest["score"] == FULL, [t["output"][:200] for t in honest["tests"] if not t["score"]]
     assert hashlib.sha256(LLAMA.read_bytes()).hexdigest() == before, "the attacker changed transformers"
-    assert not [p for p in PLANTED if p.exists()], "the attacker planted files outside its sandbox"
+    assert not planted, "the attacker planted files outside its sandbox"
     assert honest["labkit"]["seed"] == 7
 
 

@@ -13,6 +13,10 @@ For each solution notebook:
 - cells tagged ``solution-only`` are dropped;
 - outputs and execution counts are removed. Cell ids and check metadata are kept, so
   that the grader can match a submission's cells with the pristine lab's.
+
+It also writes ``chapters/<name>.ipynb`` from each chapter's MyST source ``chapters/<name>.md`` (the
+master), for the chapter pages' Colab and Binder buttons: the set-up cell first, then the chapter's
+cells, with citations as plain ``[key]`` (the site renders the chapter itself from the ``.md``).
 """
 from __future__ import annotations
 
@@ -116,6 +120,20 @@ def make_lab(solution: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return lab
 
 
+def chapter_notebook(source: str, root: Path = ROOT) -> nbformat.NotebookNode:
+    """The runnable notebook of a chapter's MyST source: the set-up cell, then the chapter's cells."""
+    from myst_nb.core.read import read_myst_markdown_notebook
+
+    notebook = read_myst_markdown_notebook(source)
+    notebook.cells.insert(0, nbformat.v4.new_code_cell(setup_source(root), metadata={"tags": ["setup"]}))
+    for number, cell in enumerate(notebook.cells):
+        cell.id = f"cell-{number}"  # stable ids: the committed notebook is checked against a fresh one
+        if cell.cell_type == "markdown":
+            cell.source = re.sub(r"\{cite:[pt]\}`([^`]*)`", r"[\1]", cell.source)
+    notebook.metadata.pop("jupytext", None)
+    return notebook
+
+
 def render(notebook: nbformat.NotebookNode) -> str:
     return nbformat.writes(notebook) + "\n"
 
@@ -125,24 +143,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="fail if a lab or set-up cell is out of date")
     parser.add_argument("--root", type=Path, default=ROOT)
     args = parser.parse_args(argv)
-    stale = []
+    stale, targets = [], {}
     for solution_path in sorted((args.root / "solutions").glob("*.ipynb")):
         solution = nbformat.read(solution_path, as_version=4)
-        targets = {solution_path: with_setup_cell(solution, args.root)}
+        targets[solution_path] = with_setup_cell(solution, args.root)
         targets[args.root / "labs" / solution_path.name] = make_lab(targets[solution_path])
-        for path, notebook in targets.items():
-            text = render(notebook)
-            if path.exists() and path.read_text(encoding="utf-8") == text:
-                continue
-            stale.append(path.relative_to(args.root))
-            if not args.check:
-                path.parent.mkdir(exist_ok=True)
-                path.write_text(text, encoding="utf-8")
+    for chapter in sorted((args.root / "chapters").glob("*.md")):
+        targets[chapter.with_suffix(".ipynb")] = chapter_notebook(chapter.read_text(encoding="utf-8"), args.root)
+    for path, notebook in targets.items():
+        text = render(notebook)
+        if path.exists() and path.read_text(encoding="utf-8") == text:
+            continue
+        stale.append(path.relative_to(args.root))
+        if not args.check:
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(text, encoding="utf-8")
     if args.check:
         if stale:
             print("Out of date (run `python -m labkit.make_labs`):\n  " + "\n  ".join(map(str, stale)))
             return 1
-        print("Labs and set-up cells are up to date.")
+        print("Labs, set-up cells and chapter notebooks are up to date.")
         return 0
     print("Wrote: " + (", ".join(map(str, stale)) or "nothing; all up to date"))
     return 0

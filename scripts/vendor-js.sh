@@ -8,6 +8,7 @@
 # root of the built site as vendor/:
 #   vendor/mermaid/       mermaid.esm.min.mjs + chunks/mermaid.esm.min/*.mjs (the ESM build
 #                         imports its chunks by relative path)                  [sphinxcontrib-mermaid]
+#   vendor/plotly/        plotly-<version>.min.js, for the explorers' figures      [labkit.explorer]
 #   vendor/requirejs/     require.js (the embed manager is an AMD bundle)       [myst-nb nb_ipywidgets_js]
 #   vendor/html-manager/  embed-amd.js (@jupyter-widgets/html-manager, the 1.0.x line for
 #                         ipywidgets 8, with the core widgets built in), the font files its
@@ -33,6 +34,9 @@ MERMAID=mermaid@11.12.1
 MERMAID_SHA=sha512-UlIZrRariB11TY1RtTgUWp65tphtBv4CSq7vyS2ZZ2TgoMjs2nloq+wFqxiwcxlhHUvs7DPGgMjs2aeQxz5h9g==
 REQUIREJS=requirejs@2.3.8
 REQUIREJS_SHA=sha512-7/cTSLOdYkNBNJcDMWf+luFvMriVm7eYxp4BcFCsAX0wF421Vyce5SXP17c+Jd5otXKGNehIonFlyQXSowL6Mw==
+# plotly.js: the in-browser figures of labkit.explorer (the name of the copy is labkit.explorer.PLOTLY).
+PLOTLY=plotly.js-dist-min@3.7.0
+PLOTLY_SHA=sha512-IRWNnBJZmKss3URDnicBK2nvt/VTSi/MD1GnUscAYFjwSuN6g/CTde5R1UC0RYtblehj8rkT4BL8r05e/c8j5Q==
 HTMLMANAGER=@jupyter-widgets/html-manager@1.0.15
 HTMLMANAGER_SHA=sha512-5thBIV6ymNgmPVOHvzx+gGy8ZSKmSazhtGw4/c4xJDVzRhG9PTeQsRjF3FUTopvFi//SABeNz1yp47bCrJ3CQA==
 
@@ -86,6 +90,14 @@ src=$WORK/requirejs/package
 need "$src/require.js"
 mkdir -p "$STAGE/requirejs"
 cp "$src/require.js" "$STAGE/requirejs/"
+
+# --- plotly.js, under the versioned name that labkit.explorer asks for ------------------------
+fetch "$PLOTLY" "$PLOTLY_SHA" plotly
+src=$WORK/plotly/package
+need "$src/plotly.min.js" "$src/LICENSE"
+mkdir -p "$STAGE/plotly"
+cp "$src/plotly.min.js" "$STAGE/plotly/plotly-${PLOTLY##*@}.min.js"
+cp "$src/LICENSE" "$STAGE/plotly/"
 
 # --- ipywidgets embed manager ------------------------------------------------------------
 fetch "$HTMLMANAGER" "$HTMLMANAGER_SHA" html-manager

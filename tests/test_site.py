@@ -1,4 +1,5 @@
-"""Real-browser test of the built book: every page works offline; math, mermaid and widgets render.
+"""Real-browser test of the built book: every page works offline; math, mermaid, widgets and explorers
+render; an explorer responds; the Colab buttons open notebooks of the repository.
 
 `make test` builds the book first (`make book`), then runs this against `_build/html`, served
 over http://127.0.0.1 by a local http.server. Debian's chromium is driven by Playwright. Every
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -43,7 +43,7 @@ CHROMIUM_ARGS = [
 
 CHAPTER = "chapters/01-transformer.html"
 LAB = "labs/01a-attention-and-gpt.html"
-LAB_NOTEBOOK = "labs/01a-attention-and-gpt.ipynb"
+EXPLORER_PAGE = "chapters/03-position-encodings.html"
 SOLUTION = "solutions/01a-attention-and-gpt.html"
 TIMEOUT_MS = 20_000  # for any one thing to appear on a page
 
@@ -326,57 +326,34 @@ def test_mermaid_is_rendered(site):
     assert not errors, f"{CHAPTER}: {errors}"
 
 
-# Widget model -> what its view looks like once the embed manager has drawn it.
-_WIDGET_VIEWS = {
-    "IntSliderModel": ".widget-slider .noUi-handle",
-    "FloatSliderModel": ".widget-slider .noUi-handle",
-    "DropdownModel": ".widget-dropdown select",
-    "TextModel": ".widget-text input",
-    "OutputModel": ".widget-output",
-}
-
-
-def test_widgets_render_from_saved_state(site):
-    visit = site.open(SOLUTION)
+def test_explorers_respond(site):
+    """An explorer on the static page redraws when a slider moves, with plotly.js from the site's own copy."""
+    visit = site.open(EXPLORER_PAGE)
     page = visit.page
-    states = page.locator('script[type="application/vnd.jupyter.widget-state+json"]')
-    assert states.count() == 1, (
-        f"{SOLUTION}: no saved widget state in the page (was the notebook executed with store_widget_state?)"
-    )
-    models = list(json.loads(states.first.text_content())["state"].values())
-    if not _visible(page, ".widget-subarea .jupyter-widgets"):
-        pytest.fail(f"{SOLUTION}: the embed manager drew no widget.\n{visit.report()}", pytrace=False)
-    for name in sorted({m["model_name"] for m in models} & _WIDGET_VIEWS.keys()):
-        if not _visible(page, _WIDGET_VIEWS[name]):
-            pytest.fail(
-                f"{SOLUTION}: the saved state has a {name} but there is no visible {_WIDGET_VIEWS[name]!r}.\n"
-                f"{visit.report()}",
-                pytrace=False,
-            )
-    # Output widgets show their saved images (e.g. the matplotlib figure of an interact).
-    saved_images = sum(
-        "image/png" in output.get("data", {})
-        for m in models if m["model_name"] == "OutputModel"
-        for output in m["state"].get("outputs", [])
-    )
-    images = page.locator(".widget-output img")
-    assert images.count() >= saved_images, (
-        f"{SOLUTION}: the saved state has {saved_images} Output-widget images, the page shows {images.count()}"
-    )
-    for i in range(images.count()):
-        assert images.nth(i).evaluate("img => img.complete && img.naturalWidth > 0"), (
-            f"{SOLUTION}: Output-widget image {i} did not load"
-        )
-    # ... and all of it without a CDN.
-    assert not visit.blocked, f"{SOLUTION}: the widgets asked for files outside the site: {visit.blocked}"
+    title = page.locator(".labkit-explorer .gtitle").first
+    title.wait_for(timeout=TIMEOUT_MS)
+    before = title.text_content()
+    slider = page.locator(".labkit-explorer input[type=range]").first
+    slider.focus()
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function("t => document.querySelector('.labkit-explorer .gtitle').textContent !== t", arg=before,
+                           timeout=TIMEOUT_MS)
+    assert title.text_content() != before
+    assert not visit.blocked, f"{EXPLORER_PAGE}: the explorer asked for files outside the site: {visit.blocked}"
+    assert_clean(visit)
 
 
-def test_colab_launch_link(site):
-    visit = site.open(LAB)
-    expected = expected_colab_url(LAB_NOTEBOOK)
-    # The launch buttons sit in a header dropdown; their links are in the DOM without opening it.
-    hrefs = visit.page.locator("a[href*='colab.research.google.com']").evaluate_all("els => els.map(e => e.href)")
-    assert expected in hrefs, f"{LAB}: no Colab launch link to {expected}; Colab links on the page: {hrefs}"
+@pytest.mark.parametrize("page", [CHAPTER, LAB])
+def test_colab_links_open_notebooks_of_the_repository(site, page):
+    """The Colab button of a chapter and of a lab opens an .ipynb that the repository has at that path."""
+    hrefs = site.open(page).page.locator("a[href*='colab.research.google.com']").evaluate_all(
+        "els => els.map(e => e.href)")
+    assert hrefs, f"{page}: no Colab launch link"
+    for href in hrefs:
+        notebook = href.split("/blob/", 1)[1].split("/", 1)[1]  # after the branch
+        assert href == expected_colab_url(notebook), href
+        assert notebook.endswith(".ipynb") and (BOOK_DIR / notebook).is_file(), \
+            f"{page}: the Colab link opens {notebook}, which is not a notebook of the repository"
 
 
 def test_screenshots(site):

@@ -507,7 +507,8 @@ def test_an_attacker_cannot_change_the_next_submission_or_the_grader(tmp_path):
     _, description = sandbox.namespace_prefix(tmp_path, [], READONLY)
     if not description.startswith("unshare"):  # unsandboxed, the attack would damage this environment
         pytest.skip(f"no sandbox here ({description})")
-    before = hashlib.sha256(LLAMA.read_bytes()).hexdigest()
+    original = LLAMA.read_bytes()
+    before = hashlib.sha256(original).hexdigest()
     cases = {"1_attacker": (lambda: insert_after_setup(blank(), PLANT),),
              "2_honest": (lambda: insert_after(solution(), "def causal_mask", PROBE),)}
     write(tmp_path / "subs", cases)
@@ -515,10 +516,13 @@ def test_an_attacker_cannot_change_the_next_submission_or_the_grader(tmp_path):
     planted = [p for p in PLANTED if p.exists()]
     for path in planted:  # so that a broken sandbox fails this test only, not every test after it
         path.unlink()
+    changed = LLAMA.read_bytes() != original
+    if changed:
+        LLAMA.write_bytes(original)
     assert run.returncode == 0, run.stderr[-3000:]
     honest = json.loads((tmp_path / "out" / "2_honest" / "results.json").read_text())
     assert honest["score"] == FULL, [t["output"][:200] for t in honest["tests"] if not t["score"]]
-    assert hashlib.sha256(LLAMA.read_bytes()).hexdigest() == before, "the attacker changed transformers"
+    assert not changed and hashlib.sha256(LLAMA.read_bytes()).hexdigest() == before, "the attacker changed transformers"
     assert not planted, "the attacker planted files outside its sandbox"
     assert honest["labkit"]["seed"] == 7
 

@@ -74,8 +74,9 @@ def train(model: torch.nn.Module, train_data: torch.Tensor, val_data: torch.Tens
           grad_clip: float | None = None, max_seconds: float | None = None) -> History:
     """Train ``model`` on random windows; record train and validation loss.
 
-    The train loss is the mean over the steps since the last evaluation; the validation loss is
-    estimated on ``eval_batches`` fixed batches. By default the optimizer is AdamW with its
+    Both losses are estimated the same way at each evaluation: on ``eval_batches`` fixed batches of
+    the training and of the validation data, in eval mode. (The mean loss of the batches trained on
+    since the last evaluation would lag behind the model and sit above the validation loss.) By default the optimizer is AdamW with its
     defaults at a constant rate ``lr``; the options give another optimizer (``labkit.nn.adamw``),
     warm-up and cosine decay to ``min_lr``, gradient clipping and a time budget (``max_seconds`` of
     training, evaluations excluded). A model with an ``aux_loss()`` method (``labkit.nn.Decoder``)
@@ -84,7 +85,7 @@ def train(model: torch.nn.Module, train_data: torch.Tensor, val_data: torch.Tens
     steps = capped_steps(steps)
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    history, running = History(), []
+    history = History()
     aux = getattr(model, "aux_loss", None)
     model.train()
     bar = tqdm(range(1, steps + 1), desc="training", mininterval=1.0)
@@ -100,17 +101,14 @@ def train(model: torch.nn.Module, train_data: torch.Tensor, val_data: torch.Tens
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
-        running.append(loss.item())
         history.seconds += time.perf_counter() - start
         history.tokens += x.numel()
         out_of_time = max_seconds is not None and history.seconds >= max_seconds
         if step % eval_every == 0 or step == steps or out_of_time:
-            val = estimate_loss(model, val_data, block_size, batch_size, eval_batches, device)
             history.steps.append(step)
-            history.train_loss.append(sum(running) / len(running))
-            history.val_loss.append(val)
-            running = []
-            bar.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{val:.3f}")
+            history.train_loss.append(estimate_loss(model, train_data, block_size, batch_size, eval_batches, device))
+            history.val_loss.append(estimate_loss(model, val_data, block_size, batch_size, eval_batches, device))
+            bar.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{history.val_loss[-1]:.3f}")
         if out_of_time:
             break
     return history

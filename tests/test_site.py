@@ -221,13 +221,13 @@ class Site:
         if response is None or response.status != 200:
             visit.bad_responses.append(f"{response.status if response else 'no response'} {path} (the page itself)")
             return visit
-        page.wait_for_load_state("networkidle")
+        _settle(page)
         try:
             page.wait_for_function(f"() => ({_NOT_RENDERED_JS})().length === 0", timeout=TIMEOUT_MS)
         except PlaywrightError:
             visit.render_problems += [f"after {TIMEOUT_MS} ms: {p}" for p in page.evaluate(_NOT_RENDERED_JS)]
         visit.render_problems += page.evaluate(_RENDER_ERRORS_JS)
-        page.wait_for_load_state("networkidle")
+        _settle(page)
         return visit
 
     def screenshot(self, visit: Visit, name: str) -> Path:
@@ -235,6 +235,16 @@ class Site:
         out = SCREENSHOT_DIR / f"{name}.png"
         visit.page.screenshot(path=str(out), full_page=True)
         return out
+
+
+def _settle(page) -> None:
+    """Wait for the network to go quiet. Playwright's "networkidle" now and then never fires on a page that
+    has finished loading (every resource timing complete; seen on the heaviest chapter, under load), so a
+    timeout here is no failure: what the page must show is checked by the render checks."""
+    try:
+        page.wait_for_load_state("networkidle", timeout=TIMEOUT_MS)
+    except PlaywrightError:
+        pass
 
 
 def assert_clean(visit: Visit) -> None:

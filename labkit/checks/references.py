@@ -40,7 +40,7 @@ def hf(model: str, *names: str):
 
 def preload() -> None:
     """Import every module a reference may need, now: the grader does it before any kernel runs."""
-    for model in ("llama", "mistral", "mixtral", "mamba", "gpt2", "bert", "t5", "deepseek_v3"):
+    for model in ("llama", "mistral", "mixtral", "qwen2_moe", "mamba", "gpt2", "bert", "t5", "deepseek_v3"):
         hf(model, "__name__")
     sentence_transformers()
     import tokenizers  # noqa: F401
@@ -79,6 +79,24 @@ def mixtral_config(d_model: int, d_ff: int, n_experts: int, top_k: int, **extra)
                          num_experts_per_tok=top_k, num_attention_heads=max(1, d_model // 16), num_key_value_heads=1,
                          num_hidden_layers=1, vocab_size=8, attn_implementation="eager", experts_implementation="eager",
                          **extra)
+
+
+def qwen2_moe_config(d_model: int, d_ff: int, n_experts: int, top_k: int, d_ff_shared: int, **extra):
+    """A small ``Qwen2MoeConfig``: routed experts that renormalise (``norm_topk_prob``) and a shared expert."""
+    Qwen2MoeConfig = hf("qwen2_moe", "Qwen2MoeConfig")
+    return Qwen2MoeConfig(hidden_size=d_model, moe_intermediate_size=d_ff, shared_expert_intermediate_size=d_ff_shared,
+                          num_experts=n_experts, num_experts_per_tok=top_k, norm_topk_prob=True,
+                          num_attention_heads=max(1, d_model // 16), num_key_value_heads=1, num_hidden_layers=1,
+                          vocab_size=8, attn_implementation="eager", experts_implementation="eager", **extra)
+
+
+def deepseek_v3_router_config(d_model: int, n_experts: int, top_k: int, n_group: int, topk_group: int,
+                              routed_scaling_factor: float, **extra):
+    """A small ``DeepseekV3Config`` for its ``DeepseekV3TopkRouter``: sigmoid scores, group-limited selection."""
+    DeepseekV3Config = hf("deepseek_v3", "DeepseekV3Config")
+    return DeepseekV3Config(hidden_size=d_model, n_routed_experts=n_experts, num_experts_per_tok=top_k,
+                            n_group=n_group, topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
+                            norm_topk_prob=True, num_hidden_layers=1, vocab_size=8, **extra)
 
 
 def mamba_config(d_model: int, d_state: int, d_conv: int = 4, expand: int = 2, **extra):

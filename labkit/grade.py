@@ -448,10 +448,14 @@ def misfit(x, schema, where: str = "outputs") -> str:
         if not isinstance(x, torch.Tensor):
             return f"{where}: a {type(x).__name__}, where collect returns a tensor"
         kind = DTYPE_KINDS.get(str(x.dtype).removeprefix("torch.")[0], "other")
-        problems = [f"{x.dim()} axes, not {schema['ndim']}" * (x.dim() != schema["ndim"]),
-                    f"a {kind} dtype, not {schema['tensor']}" * (kind != schema["tensor"]),
-                    f"{x.numel()} elements, far more than {schema['numel']}" * (x.numel() > 4 * schema["numel"] + 4096)]
-        return f"{where}: " + ", ".join(p for p in problems if p) if any(problems) else ""
+        problems = []
+        if x.dim() != schema["ndim"]:
+            problems.append(f"{x.dim()} axes, not {schema['ndim']}")
+        if kind != schema["tensor"]:
+            problems.append(f"a {kind} dtype, not {schema['tensor']}")
+        if x.numel() > 4 * schema["numel"] + 4096:
+            problems.append(f"{x.numel()} elements, far more than {schema['numel']}")
+        return f"{where}: " + ", ".join(problems) if problems else ""
     if "dict" in schema:
         if not isinstance(x, dict) or set(map(str, x)) != set(schema["dict"]):
             keys = sorted(map(str, x)) if isinstance(x, dict) else type(x).__name__

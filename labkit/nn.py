@@ -1,7 +1,8 @@
-"""The modules students build in Labs 1a–4, written once, for the experiments of later labs.
+"""The modules students build in Labs 1a–5, written once, for the experiments of later labs.
 
 A small trainable decoder, ``Decoder(Config(...))``, with a choice of norm (LayerNorm or RMSNorm),
-position encoding (learned, RoPE or none), attention (MHA, GQA or MQA) and FFN (GELU or SwiGLU).
+position encoding (learned, RoPE or none), attention (MHA, GQA or MQA) and FFN (GELU or SwiGLU), and
+Lab 5's mixture of experts, :class:`MoE`.
 A lab swaps a sublayer for its own by passing a factory: ``Decoder(config, ffn=lambda c: MyMoE(c))``
 (a mixture of experts), ``attention=lambda c: MyWindowAttention(c)`` (window or linear attention,
 a Mamba mixer) or ``block=lambda c: MyBlock(c)``. A swapped attention sublayer is causal on its own
@@ -149,6 +150,41 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+
+
+class MoE(nn.Module):
+    """Lab 5's sparse mixture of SwiGLU experts with Mixtral's router, in its layout (``router.weight`` (E, d),
+    ``gate_up_proj`` (E, 2 d_ff, d), ``down_proj`` (E, d, d_ff)): x (..., d) -> (..., d). Each call keeps the
+    router logits (N, E) in ``router_logits`` and the expert of each token's k choices in ``indices`` (N, k);
+    with ``balance`` > 0 it sets ``aux_loss`` to ``balance`` times this layer's Switch balancing loss (the
+    decoder sums the layers' losses; Lab 5 pools them, as transformers does)."""
+
+    def __init__(self, d_model: int, d_ff: int, n_experts: int, k: int, balance: float = 0.01):
+        super().__init__()
+        self.n_experts, self.k, self.balance = n_experts, k, balance
+        self.router = nn.Linear(d_model, n_experts, bias=False)
+        self.gate_up_proj = nn.Parameter(torch.randn(n_experts, 2 * d_ff, d_model) * 0.02)
+        self.down_proj = nn.Parameter(torch.randn(n_experts, d_model, d_ff) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # (N, d)
+        self.router_logits = self.router(flat)  # (N, E)
+        probs = self.router_logits.float().softmax(dim=-1)
+        weights, self.indices = probs.topk(self.k, dim=-1)  # (N, k)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        expert = self.indices.flatten()
+        order = expert.argsort(stable=True)  # assignments grouped by expert
+        y = torch.zeros_like(flat)
+        counts = torch.bincount(expert, minlength=self.n_experts)
+        for e, assignments in enumerate(order.split(counts.tolist())):
+            tokens = assignments // self.k
+            gate, up = F.linear(flat[tokens], self.gate_up_proj[e]).chunk(2, dim=-1)
+            out = F.linear(F.silu(gate) * up, self.down_proj[e])
+            y.index_add_(0, tokens, out * weights.flatten()[assignments, None])
+        if self.balance:
+            f = F.one_hot(self.indices, self.n_experts).float().mean(dim=0)  # (k, E)
+            self.aux_loss = self.balance * self.n_experts * (f * probs.mean(dim=0)).sum()
+        return y.view(x.shape)
 
 def make_norm(config: Config) -> nn.Module:
     return nn.LayerNorm(config.d_model) if config.norm == "layer" else nn.RMSNorm(config.d_model, eps=1e-6)

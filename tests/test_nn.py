@@ -42,6 +42,19 @@ def test_swiglu_matches_llama_mlp():
         torch.testing.assert_close(mlp(x), ref.llama_mlp(mlp.state_dict(), x))
 
 
+
+def test_moe_matches_mixtral_and_its_balancing_loss():
+    torch.manual_seed(0)
+    moe = lnn.MoE(16, 24, n_experts=4, k=2, balance=1.0).double()
+    block = ref.hf("mixtral", "MixtralSparseMoeBlock")(ref.mixtral_config(16, 24, 4, 2)).double().eval()
+    block.load_state_dict({"gate.weight": moe.router.weight, "experts.gate_up_proj": moe.gate_up_proj,
+                           "experts.down_proj": moe.down_proj})
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), block(x))
+    balancing = ref.hf("mixtral", "load_balancing_loss_func")
+    torch.testing.assert_close(moe.aux_loss.double(), balancing((moe.router_logits,), 4, 2).double())
+
 CONFIGS = [dict(norm="rms", pos="rope", ffn="swiglu"), dict(norm="layer", pos="learned", ffn="gelu", bias=True),
            dict(norm="rms", pos="none", ffn="gelu", n_kv_heads=1), dict(pos="rope", n_kv_heads=2, scale_embeddings=True)]
 

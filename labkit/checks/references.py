@@ -496,3 +496,145 @@ def alibi_bias(slopes: list[float], T_q: int, T_k: int) -> torch.Tensor:
     i = torch.arange(T_k - T_q, T_k, dtype=torch.float64)[:, None]
     j = torch.arange(T_k, dtype=torch.float64)[None, :]
     return -torch.tensor(slopes, dtype=torch.float64)[:, None, None] * (i - j)
+
+
+# ---------------------------------------------------------------- Lab 5: mixture of experts
+MOE_NAMES = {"router.weight": "gate.weight", "gate_up_proj": "experts.gate_up_proj", "down_proj": "experts.down_proj"}
+
+
+def mixtral_router(weight: torch.Tensor, x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """transformers' ``MixtralTopKRouter`` with ``weight`` (E, D) on ``x`` (N, D): (router_logits, weights,
+    indices). A bfloat16 ``x`` runs in bfloat16, as in a bfloat16 model, anything else in float64 (the softmax is
+    float32 either way)."""
+    E, D = weight.shape
+    dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float64
+    router = hf("mixtral", "MixtralTopKRouter")(mixtral_config(D, D, E, k))
+    router.load_state_dict({"weight": weight})
+    with torch.no_grad():
+        return router.to(dtype).eval()(x.to(dtype))
+
+
+def router_weights(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral's rule on given logits: softmax in float32, top k, renormalised: (weights, indices)."""
+    top = logits.float().softmax(dim=-1).topk(k, dim=-1)
+    return top.values / top.values.sum(dim=-1, keepdim=True), top.indices
+
+
+def mixtral_block(weights: dict, k: int) -> nn.Module:
+    """transformers' ``MixtralSparseMoeBlock`` (eager experts), in float64, carrying a SparseMoE's weights
+    (``router.weight`` (E, D), ``gate_up_proj`` (E, 2I, D), ``down_proj`` (E, D, I))."""
+    E, D = weights["router.weight"].shape
+    block = hf("mixtral", "MixtralSparseMoeBlock")(mixtral_config(D, weights["gate_up_proj"].shape[1] // 2, E, k))
+    block.load_state_dict({MOE_NAMES[name]: w for name, w in weights.items()})
+    return block.double().eval()
+
+
+def mixtral_moe(weights: dict, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``MixtralSparseMoeBlock``'s output for ``x`` (B, T, D), and its ``MixtralTopKRouter``'s logits (B T, E),
+    in float64."""
+    block, x = mixtral_block(weights, k), x.double()
+    with torch.no_grad():
+        return block(x), block.gate(x.reshape(-1, x.shape[-1]))[0]
+
+
+def mixtral_experts(weights: dict, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """transformers' ``MixtralExperts`` (eager, float64) on ``x`` (N, D) with the given assignments: each token n
+    gets ``sum_s gates[n, s] * expert_{indices[n, s]}(x_n)``; a gate of 0 drops its assignment."""
+    block = mixtral_block(weights, indices.shape[1])
+    with torch.no_grad():
+        return block.experts(x.double(), indices, gates.double())
+
+
+def capacity_kept(indices: torch.Tensor, n_experts: int, capacity: int | None, latest: bool = False) -> torch.Tensor:
+    """(N, k) bool: the assignments that experts of ``capacity`` keep, counted by a plain loop over the assignments
+    in token order (token-major: token n's slots 0 … k-1, then token n + 1's), one counter per expert: each expert
+    keeps its first ``capacity`` (``latest``: its last, for diagnoses); None keeps all."""
+    N, k = indices.shape
+    kept, taken = torch.zeros(N, k, dtype=torch.bool), [0] * n_experts
+    for n in reversed(range(N)) if latest else range(N):
+        for s in range(k):
+            e = int(indices[n, s])
+            if capacity is None or taken[e] < capacity:
+                kept[n, s], taken[e] = True, taken[e] + 1
+    return kept
+
+
+def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], n_experts: int, k: int) -> torch.Tensor:
+    """transformers' ``load_balancing_loss_func`` (Mixtral's: the layers' logits pooled, ``E * sum f P``) on the
+    layers' logits in float64, given as the tuple it needs (it returns 0 for anything else)."""
+    loss_func = hf("mixtral", "load_balancing_loss_func")
+    return torch.as_tensor(loss_func(tuple(t.double() for t in router_logits), n_experts, k)).double()
+
+
+def qwen2_moe(weights: dict, x: torch.Tensor, k: int, variant: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``Qwen2MoeSparseMoeBlock`` (``norm_topk_prob=True``, eager experts), in float64, carrying a
+    SharedExpertMoE's weights: (output (B, T, D), router logits (B T, E)). ``variant`` reassembles its parts into
+    the usual wrong versions, for diagnoses: "no sigmoid" (the gate's logit scales the shared expert), "ungated",
+    "gate on routed" (the gate scales the routed experts instead) and "gate on both"."""
+    E, D = weights["router.weight"].shape
+    config = qwen2_moe_config(D, weights["gate_up_proj"].shape[1] // 2, E, k,
+                              weights["shared_expert.gate_proj.weight"].shape[0])
+    block = hf("qwen2_moe", "Qwen2MoeSparseMoeBlock")(config)
+    block.load_state_dict({MOE_NAMES.get(name, name): w for name, w in weights.items()})
+    block, x = block.double().eval(), x.double()
+    flat = x.reshape(-1, D)
+    with torch.no_grad():
+        logits, gates, indices = block.gate(flat)
+        if not variant:
+            return block(x), logits
+        routed, shared = block.experts(flat, indices, gates), block.shared_expert(flat)
+        gate = block.shared_expert_gate(flat)
+        y = {"no sigmoid": routed + gate * shared, "ungated": routed + shared,
+             "gate on routed": torch.sigmoid(gate) * routed + shared,
+             "gate on both": torch.sigmoid(gate) * (routed + shared)}[variant]
+    return y.view(x.shape), logits
+
+
+def deepseek_v3_router(weights: dict, x: torch.Tensor, k: int, n_group: int, topk_group: int,
+                       routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """transformers' ``DeepseekV3TopkRouter`` (it computes in float32) with a DeepSeekRouter's ``weight`` (E, D) and
+    ``bias`` (E,) (its ``e_score_correction_bias``) on ``x`` (N, D): (weights (N, k), indices (N, k), the sigmoid
+    scores (N, E) without the bias). The experts come in no particular order (``topk(sorted=False)``)."""
+    E, D = weights["weight"].shape
+    router = hf("deepseek_v3", "DeepseekV3TopkRouter")(
+        deepseek_v3_router_config(D, E, k, n_group, topk_group, routed_scaling_factor))
+    router.load_state_dict({"weight": weights["weight"], "e_score_correction_bias": weights["bias"]})
+    with torch.no_grad():
+        logits, topk_weights, topk_indices = router.eval()(x.float())
+    return topk_weights, topk_indices, logits.sigmoid()
+
+
+def mor_block(h: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """The stand-in block of the Mixture-of-Recursions check, h (B, m, D) -> (B, m, D): 0 on channels 0 and 1 (they
+    carry each token's position and sequence, which the update h + w * block(h) then leaves unchanged), and on the
+    others the causal running mean of tanh(h[..., 2:] @ M) along the subsequence it is given."""
+    z = torch.tanh(h[..., 2:] @ M.to(h.dtype))
+    steps = torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[:, None]
+    return torch.cat([torch.zeros_like(h[..., :2]), z.cumsum(dim=1) / steps], dim=-1)
+
+
+def mixture_of_recursions(x: torch.Tensor, routers: list[tuple[torch.Tensor, torch.Tensor]], capacity: float,
+                          M: torch.Tensor, weighted: bool = True) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+    """Mixture of Recursions' expert-choice routing (Bae et al., 2025) with :func:`mor_block`, in float64 and plain
+    loops, one sequence and one step at a time: at step r the router (weight (1, D), bias (1,)) scores the tokens
+    selected at step r - 1 (all of them at step 1), w = sigmoid(h w_r + b_r); the ceil(capacity * n) best go on,
+    in causal order, and h_t += w_t * block(h of those tokens)_t. Returns the output, the positions selected at each
+    step ((B, m) each, increasing), and the smallest gap between the last selected and the first left-out weight.
+    ``weighted=False`` leaves w out of the update (h_t += block(...)_t), for diagnoses."""
+    h = x.double().clone()
+    B, T, _ = h.shape
+    steps, margin = [[] for _ in routers], math.inf
+    for b in range(B):
+        active = list(range(T))
+        for r, (weight, bias) in enumerate(routers):
+            w = {t: torch.sigmoid(h[b, t] @ weight[0].double() + bias[0].double()).item() for t in active}
+            m, ranked = math.ceil(capacity * len(active)), sorted(active, key=lambda t: -w[t])
+            if m < len(active):
+                margin = min(margin, w[ranked[m - 1]] - w[ranked[m]])
+            chosen = sorted(ranked[:m])
+            out = mor_block(h[b, chosen][None], M)[0]
+            for i, t in enumerate(chosen):
+                h[b, t] = h[b, t] + (w[t] if weighted else 1.0) * out[i]
+            steps[r].append(chosen)
+            active = chosen
+    return h, [torch.tensor(chosen) for chosen in steps], margin

@@ -1,15 +1,15 @@
 """Scaffold a new lab with the course's anatomy.
 
-    python -m labkit.new_lab 05 mixture-of-experts "Mixture of Experts"
+    python -m labkit.new_lab 06 long-context "Sparse and long-context attention"
 
 writes, and never overwrites:
 
-- ``solutions/05-mixture-of-experts.ipynb``, the master: title and goals, the solution-only note,
+- ``solutions/06-long-context.ipynb``, the master: title and goals, the solution-only note,
   the set-up cell, imports, one section (explanation, exercise, check), ``## Experiment 1`` and
   ``## Questions``;
-- ``labkit/checks/lab05.py``: one working check, a case table against a reference;
-- ``hidden_checks/lab05.py``: one hidden check, a variant of it on edge cases;
-- ``tests/buggy_lab05.py``: one planted bug, which the check must catch;
+- ``labkit/checks/lab06.py``: one working check, a case table against a reference;
+- ``hidden_checks/lab06.py``: one hidden check, a variant of it on edge cases;
+- ``tests/buggy_lab06.py``: one planted bug, which the check must catch;
 
 and adds the lab and its solution to ``_toc.yml``. Then replace the example by the lab's content,
 run the master (``python -m labkit.bench --write solutions/...``) and generate the lab

@@ -19,9 +19,11 @@ sparse_moe_edge = sparse_moe.variant("05.hidden.sparse_moe_edge", lambda seed: s
 capacity_edge = capacity.variant("05.hidden.capacity_edge", lambda seed: capacity_inputs(
     seed, factors=(0.25, 3.0), k1=False, none=False), ("SparseMoE",))
 
-# groups of two experts (n_group = E / 2: a group's score is the sum of both), and k = 1 among 8 groups
+# groups of two experts (n_group = E / 2: a group's score is the sum of both), k = 1 among 8 groups, and 8 groups
+# of two with a strongly negative bias on one expert of each (the third choice is negative: a mask with 0 would win)
 deepseek_edge = deepseek_router.variant("05.hidden.deepseek_edge", lambda seed: deepseek_inputs(
-    seed, configs=((16, 8, 3, 4, 2, 2.5, 20), (16, 16, 1, 8, 3, 1.0, 20)), updates=False), ("DeepSeekRouter",))
+    seed, configs=((16, 8, 3, 4, 2, 2.5, 20), (16, 16, 1, 8, 3, 1.0, 20), (16, 16, 3, 8, 2, 2.5, 20, True)),
+    updates=False), ("DeepSeekRouter",))
 
 # capacity 1.0 (every token recursed at every step), and a single recursion
 mor_edge = mor.variant("05.hidden.mor_edge", lambda seed: mor_inputs(seed, configs=((2, 6, 8, 3, 1.0),

@@ -167,6 +167,23 @@ def capacity_renormalised(ns):
     return capacity_with(ns, keep)
 
 
+def capacity_shuffled_groups(ns):
+    def keep(expert, capacity, moe, w):
+        perm = torch.randperm(len(expert), generator=torch.Generator().manual_seed(0))
+        order = perm[expert[perm].argsort(stable=True)]  # BUG: as an unstable argsort may: tokens mixed in a group
+        kept = first(expert, capacity, order.tolist())
+        return kept, 1 - kept.sum().item() / len(expert)
+    return capacity_with(ns, keep)
+
+
+def capacity_rate_only_if_dropped(ns):
+    def keep(expert, capacity, moe, w):
+        kept = first(expert, capacity, range(len(expert)))
+        rate = 1 - kept.sum().item() / len(expert)
+        return kept, rate if rate else moe.last_drop_rate  # BUG: set only when something is dropped (stale at 0)
+    return capacity_with(ns, keep)
+
+
 def capacity_rate_of_tokens(ns):
     def keep(expert, capacity, moe, w):
         kept = first(expert, capacity, range(len(expert)))
@@ -213,6 +230,25 @@ def balancing_softmax_after_top_k(ns):
     return load_balancing_loss
 
 
+def balancing_p_detached(ns):
+    def load_balancing_loss(router_logits, n_experts, k):
+        f, probs = balancing_parts(router_logits, n_experts, k)
+        return n_experts * (f.sum(dim=0) * probs.mean(dim=0).detach()).sum()  # BUG: no gradient reaches the logits
+    return load_balancing_loss
+
+
+def balancing_no_grad(ns):
+    return torch.no_grad()(ns["load_balancing_loss"])  # BUG: computed without autograd
+
+
+def balancing_softmax_bf16(ns):
+    def load_balancing_loss(router_logits, n_experts, k):
+        probs = torch.cat(router_logits).softmax(dim=-1)  # BUG: in the logits' dtype (bfloat16), not float32
+        f = F.one_hot(probs.topk(k, dim=-1).indices, n_experts).float().sum(dim=1).mean(dim=0)
+        return n_experts * (f * probs.mean(dim=0)).sum()
+    return load_balancing_loss
+
+
 # ---------------------------------------------------------------- shared experts
 def shared_with(ns, combine):
     class SharedExpertMoE(ns["SharedExpertMoE"]):
@@ -235,7 +271,7 @@ def shared_gate_on_routed(ns):
 
 
 # ---------------------------------------------------------------- DeepSeek-V3's router
-def deepseek_with(ns, bias_in_weights=False, group="top2", limit=True, scaled=True):
+def deepseek_with(ns, bias_in_weights=False, group="top2", limit=True, scaled=True, fill=float("-inf")):
     class DeepSeekRouter(ns["DeepSeekRouter"]):
         def forward(self, x):
             N, E = x.shape[0], self.weight.shape[0]
@@ -246,7 +282,7 @@ def deepseek_with(ns, bias_in_weights=False, group="top2", limit=True, scaled=Tr
                                 else biased.topk(2, dim=-1).values.sum(dim=-1))
                 groups = group_scores.topk(self.topk_group, dim=-1).indices
                 allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
-                biased = biased.masked_fill(~allowed[..., None], float("-inf"))  # BUG (limit=False): no mask
+                biased = biased.masked_fill(~allowed[..., None], fill)  # BUG (limit=False): no mask; (fill=0)
             indices = biased.view(N, E).topk(self.k, dim=-1).indices
             weights = (scores + self.bias if bias_in_weights else scores).gather(1, indices)  # BUG: bias in weights
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -270,6 +306,10 @@ def deepseek_not_scaled(ns):
     return deepseek_with(ns, scaled=False)
 
 
+def deepseek_mask_with_zero(ns):
+    return deepseek_with(ns, fill=0.0)
+
+
 def deepseek_update_reversed(ns):
     class DeepSeekRouter(ns["DeepSeekRouter"]):
         @torch.no_grad()
@@ -287,6 +327,14 @@ def deepseek_update_moves_mean(ns):
     return DeepSeekRouter
 
 
+def deepseek_update_floor_mean(ns):
+    class DeepSeekRouter(ns["DeepSeekRouter"]):
+        @torch.no_grad()
+        def update_bias(self, counts, gamma):
+            self.bias += gamma * torch.sign(counts.sum() // counts.numel() - counts)  # BUG: the mean rounded down
+    return DeepSeekRouter
+
+
 # ---------------------------------------------------------------- Mixture of Recursions
 def mor_every_token(ns):
     class MixtureOfRecursions(ns["MixtureOfRecursions"]):
@@ -297,13 +345,15 @@ def mor_every_token(ns):
     return MixtureOfRecursions
 
 
-def mor_forward(self, x, causal=True, whole=False, weighted=True):
+def mor_forward(self, x, causal=True, whole=False, weighted=True, detached=False, compounded=False):
     B, T, D = x.shape
     active = torch.arange(T).expand(B, T)
-    for router in self.routers:
+    for r, router in enumerate(self.routers, 1):
         h = x.gather(1, active[..., None].expand(-1, -1, D))
         w = torch.sigmoid(router(h)).squeeze(-1)
-        chosen = w.topk(math.ceil(self.capacity * active.shape[1]), dim=-1).indices
+        w = w.detach() if detached else w  # BUG (detached): the routers get no gradient
+        m = math.ceil(self.capacity ** r * T) if compounded else math.ceil(self.capacity * active.shape[1])  # BUG
+        chosen = w.topk(m, dim=-1).indices
         if causal:
             chosen = chosen.sort(dim=-1).values  # BUG (causal=False): by router weight, not position
         active, w = active.gather(1, chosen), w.gather(1, chosen)
@@ -331,6 +381,14 @@ def mor_block_on_all_tokens(ns):
 
 def mor_unweighted(ns):
     return mor_variant(ns, weighted=False)
+
+
+def mor_router_detached(ns):
+    return mor_variant(ns, detached=True)
+
+
+def mor_capacity_compounded(ns):
+    return mor_variant(ns, compounded=True)
 
 
 # ---------------------------------------------------------------- expert parallelism
@@ -383,6 +441,61 @@ def ep_modulo_ranks(ns):
     return run_with(ns, worker), ns["SparseMoE"]
 
 
+def ep_worker_with(ns, local=False, every_token=False, ignored=False, swapped=False):
+    """The solution's worker, or one with a bug: ``local`` (no exchange: every expert run where the token is),
+    ``every_token`` (every rank routes all the tokens), ``ignored`` (the exchange made, its results thrown away for a
+    local computation), ``swapped`` (the split sizes of the way back swapped)."""
+    def worker(rank, world_size, port, moe, x, y):
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+        E, k, D = moe.n_experts, moe.k, x.shape[-1]
+        per_rank = E // world_size
+        everyone = torch.arange(x.shape[0] * x.shape[1])
+        mine = everyone if every_token else torch.tensor_split(everyone, world_size)[rank]  # BUG (every_token)
+        tokens = x.reshape(-1, D)[mine]
+        with torch.no_grad():
+            _, weights, indices = moe.router(tokens)
+            if local:
+                y.view(-1, D)[mine] = moe.experts(tokens, weights, indices)  # BUG (local): nothing exchanged
+            else:
+                expert = indices.flatten()
+                order = expert.argsort(stable=True)
+                send_counts = torch.bincount(expert // per_rank, minlength=world_size)
+                recv_counts = torch.empty_like(send_counts)
+                dist.all_to_all_single(recv_counts, send_counts)
+                send, recv = send_counts.tolist(), recv_counts.tolist()
+                got_x = tokens.new_empty(sum(recv), D)
+                dist.all_to_all_single(got_x, tokens[order // k], recv, send)
+                got_e = expert.new_empty(sum(recv))
+                dist.all_to_all_single(got_e, expert[order], recv, send)
+                out = torch.zeros_like(got_x)
+                for e in range(rank * per_rank, (rank + 1) * per_rank):
+                    rows = (got_e == e).nonzero().squeeze(1)
+                    out[rows] = ns["expert_ffn"](got_x[rows], moe.gate_up_proj[e], moe.down_proj[e])
+                back = tokens.new_empty(sum(send), D)
+                dist.all_to_all_single(back, out, *((recv, send) if swapped else (send, recv)))  # BUG (swapped)
+                mixed = torch.zeros_like(tokens).index_add_(0, order // k, back * weights.flatten()[order, None])
+                y.view(-1, D)[mine] = moe.experts(tokens, weights, indices) if ignored else mixed  # BUG (ignored)
+        dist.destroy_process_group()
+    return run_with(ns, worker), ns["SparseMoE"]
+
+
+def ep_no_exchange(ns):
+    return ep_worker_with(ns, local=True)
+
+
+def ep_every_rank_every_token(ns):
+    return ep_worker_with(ns, every_token=True)
+
+
+def ep_exchange_ignored(ns):
+    return ep_worker_with(ns, ignored=True)
+
+
+def ep_return_splits_swapped(ns):
+    return ep_worker_with(ns, swapped=True)
+
+
 # check id -> [(factory, a regular expression the failure message must match)]
 BUGS = {
     "05.router": [
@@ -409,12 +522,22 @@ BUGS = {
         (capacity_floor, r"capacity is rounded down"),
         (capacity_renormalised, r"weights of a token's kept experts are renormalised"),
         (capacity_rate_of_tokens, r"last_drop_rate \(of 44 assignments, \d+ dropped\): "),
+        (capacity_shuffled_groups, r"capacity_factor=0.5\) .*: y .*last_drop_rate is right, .*not the right ones.*"
+                                   r"argsort\(stable=True\)"),
+        (capacity_rate_only_if_dropped, r"capacity_factor=0.5\) .*, then called again with capacity_factor set to "
+                                        r"None \(nothing dropped\): last_drop_rate: 0.54\d*, expected 0.0\. "
+                                        r"last_drop_rate is stale"),
     ],
     "05.load_balancing": [
         (balancing_without_e, r"1 layer of 32 tokens.*: max \|difference\|.*the factor E is missing"),
         (balancing_per_layer, r"3 layers of 20 tokens.*mean of the per-layer losses"),
         (balancing_f_sums_to_one, r"f is divided by N k"),
         (balancing_softmax_after_top_k, r"mean of the full softmax"),
+        (balancing_p_detached, r"1 layer of 32 tokens.*: loss.grad_fn is None: the loss has no gradient with respect "
+                               r"to the router logits"),
+        (balancing_no_grad, r"loss.grad_fn is None: the loss has no gradient"),
+        (balancing_softmax_bf16, r"2 layers of 32 tokens in bfloat16.*: max \|difference\|.*the softmax ran in "
+                                 r"bfloat16: cast the logits to float32 first"),
     ],
     "05.shared_expert": [
         (shared_gate_without_sigmoid, r"SharedExpertMoE\(16, 24, 8, 2, 32\) on \(2, 5, 16\): y .*gate has no sigmoid"),
@@ -429,16 +552,34 @@ BUGS = {
         (deepseek_not_scaled, r"the weights are not scaled: multiply them by routed_scaling_factor"),
         (deepseek_update_reversed, r"update_bias\(counts=\[5, 1, 3, 3\], gamma=0.01\).*the sign is reversed"),
         (deepseek_update_moves_mean, r"experts at exactly the mean count moved"),
+        (deepseek_mask_with_zero, r"DeepSeekRouter\(16, 8, 3, n_group=4, topk_group=2, .*negative biased score\): the "
+                                  r"k experts chosen .*masked with 0, which beats a negative biased score.*-inf"),
+        (deepseek_update_floor_mean, r"update_bias\(counts=\[5, 1, 3, 2\], gamma=0.01\) \(call 4.*the mean is "
+                                     r"rounded down"),
     ],
     "05.mor": [
         (mor_every_token, r"got 3 block applications, expected \d.*Every token went through the block at every step"),
         (mor_not_causal, r"step 1, the block's input: positions .*causal order\. Sort the selected positions"),
         (mor_block_on_all_tokens, r"The block ran on all 10 tokens at every step"),
         (mor_unweighted, r"output \(vs a float64 loop.*multiply the block's output by the router weight"),
+        (mor_router_detached, r"capacity=0.5\) on \(2, 10, 8\): the router gets no gradient \(none for any router"
+                              r".*multiply the block's output by w = sigmoid\(router\(h\)\) as it is \(not detached"),
+        (mor_capacity_compounded, r"capacity=0.7\) on \(1, 32, 8\): the block was given \[23, 16, 11\] tokens .*"
+                                  r"expected \[23, 17, 12\].*not ceil\(capacity\^r · T\)"),
     ],
     "05.expert_parallel": [
         (ep_drops_last_rank, r"world_size=2\) .*rank 1's tokens \(rows 4 to 6 of the B T flattened tokens\) came "
                              r"back as zeros"),
         (ep_modulo_ranks, r"world_size=2\) .*the assignments reach the wrong rank"),
+        (ep_no_exchange, r"world_size=2\) .*: ranks 0, 1 exchanged no token rows \(2-D float tensors of width 16\) "
+                         r"with dist.all_to_all_single: the tokens must travel with dist.all_to_all_single to the "
+                         r"ranks holding their experts"),
+        (ep_every_rank_every_token, r"world_size=2\) .*: the ranks received 56 token rows .* make 28\. Each rank must "
+                                    r"route only its own share"),
+        (ep_exchange_ignored, r"world_size=2\) .*, with every token row that dist.all_to_all_single delivers zeroed on "
+                              r"arrival .*y does not come from the exchanged rows"),
+        (ep_return_splits_swapped, r"world_size=2\) .*raised ProcessRaisedException: -- Process \d terminated with "
+                                   r"the following error: \(at .*, in worker\) … RuntimeError: Split sizes doesn't "
+                                   r"match total dim 0 size"),
     ],
 }

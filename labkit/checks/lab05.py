@@ -1,11 +1,13 @@
 """Checks of Lab 5: mixture of experts, against transformers' Mixtral, Qwen2-MoE and DeepSeek-V3 modules.
 
 References: transformers' ``MixtralTopKRouter``, ``MixtralSparseMoeBlock`` and ``MixtralExperts`` (eager experts),
-``load_balancing_loss_func``, ``Qwen2MoeSparseMoeBlock`` and ``DeepseekV3TopkRouter``, with the check's weights
-copied in; capacity as a plain loop over the assignments (``references.capacity_kept``); the closed forms of the
-balancing loss (k for a uniform router, E for a collapsed one) and the stated rule of DeepSeek-V3's bias update;
-Mixture of Recursions as a plain loop in float64 (``references.mixture_of_recursions``), with a stand-in block
-that records which tokens it is given.
+``load_balancing_loss_func`` (its value and, by autograd, its gradient), ``Qwen2MoeSparseMoeBlock`` and
+``DeepseekV3TopkRouter``, with the check's weights copied in; capacity as a plain loop over the assignments
+(``references.capacity_kept``); the closed forms of the balancing loss (k for a uniform router, E for a collapsed
+one) and the stated rule of DeepSeek-V3's bias update; Mixture of Recursions as a plain, differentiable loop in
+float64 (``references.mixture_of_recursions``: outputs and the routers' gradients), with a stand-in block that
+records which tokens it is given. Expert parallelism is also checked for its traffic: all_to_all_single is
+wrapped to count the token rows each rank sends and receives, and to zero them on arrival in a second run.
 """
 
 import math
@@ -14,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from labkit.checks import (as_tensor, assert_bf16_close, compare, define, doubled, linear_weights, mlp_weights, raised,
-                           references as ref, seeded_generator, table_inputs)
+from labkit.checks import (as_tensor, assert_bf16_close, close, compare, define, doubled, linear_weights, mlp_weights,
+                           raised, references as ref, seeded_generator, table_inputs)
 from labkit.checks.kernel import attempt, build, run_cases
 
 MOE_HINT = ("y_n = sum over the token's k experts of g * SwiGLU_e(x_n), with SwiGLU_e(x) = (silu(x W_gate^T) * "
@@ -272,16 +274,27 @@ def capacity_inputs(seed: int, factors=(0.5, 1.0, 1.25, 2.0), k1: bool = True, n
 
 
 def capacity_collect(inputs: dict, SparseMoE) -> dict:
-    """Each case's output and the module's last_drop_rate after it."""
+    """Each case's output and the module's last_drop_rate after it (a float, or a 0-d tensor made a float); with a
+    capacity, the same module's last_drop_rate after two more calls where nothing is dropped: with capacity_factor
+    set to None, then with it back, on the case's first token alone."""
     outputs = []
     for case in inputs["cases"]:
         moe = attempt(build, SparseMoE, case["weights"], case["what"], *case["init"], **case["init_kwargs"])
         if isinstance(moe, dict):
-            outputs.append({"out": moe, "drop_rate": moe})
+            outputs.append({"out": moe, "drop_rate": moe, "again": []})
             continue
+        rate = lambda: float(moe.last_drop_rate)
         with torch.no_grad():
             y = attempt(moe, *case["args"])
-        outputs.append({"out": y, "drop_rate": attempt(lambda: float(moe.last_drop_rate))})
+            got = {"out": y, "drop_rate": attempt(rate), "again": []}
+            if case["init_kwargs"]["capacity_factor"] is not None:
+                done = attempt(setattr, moe, "capacity_factor", None)
+                done = done if isinstance(done, dict) else attempt(moe, *case["args"])
+                got["again"].append(done if isinstance(done, dict) else attempt(rate))
+                done = attempt(setattr, moe, "capacity_factor", case["init_kwargs"]["capacity_factor"])
+                done = done if isinstance(done, dict) else attempt(moe, case["args"][0][:1, :1])
+                got["again"].append(done if isinstance(done, dict) else attempt(rate))
+        outputs.append(got)
     return {"outputs": outputs}
 
 
@@ -310,20 +323,36 @@ def capacity(inputs: dict, out: dict) -> str:
                      f"{C}": (ref.capacity_kept(indices, E, math.ceil(cf * N / E)),),
                      f"the capacity is rounded down: it is ceil(capacity_factor · N · k / E) = {C}":
                      (ref.capacity_kept(indices, E, math.floor(cf * N * k / E)),),
+                     f"the capacity is counted for N k tokens: capacity(n_tokens) takes the N tokens (it multiplies by "
+                     f"k itself), ceil(capacity_factor · N · k / E) = {C}":
+                     (ref.capacity_kept(indices, E, math.ceil(cf * N * k * k / E)),),
                      "the weights of a token's kept experts are renormalised after a drop: leave them as the router "
                      "gave them (a dropped assignment only contributes nothing)": (kept, True),
                      "nothing is dropped: each expert keeps only its first capacity(N) assignments":
                      (torch.ones_like(kept),)}
         y = unpack(f"{what}: forward", got["out"], ("y", "router_logits"))[0]
+        rate_right = not raised(got["drop_rate"]) and close(got["drop_rate"], rate, 1e-6)
         compare(f"{what}: y (vs transformers' MixtralExperts on the assignments that a token-by-token count keeps)",
-                y, want, 1e-5, "count each expert's assignments in token order (token-major, n k + slot) and drop "
-                "those beyond its capacity; a dropped assignment contributes nothing, the others keep their weights",
+                y, want, 1e-5, (
+                    "last_drop_rate is right, so each expert dropped as many assignments as it should, but not the "
+                    "right ones: an expert keeps its first assignments in token order. Sort with "
+                    "argsort(stable=True), so that each expert's tokens stay in token order (a plain argsort may mix "
+                    "them)" if rate_right and C is not None else
+                    "count each expert's assignments in token order (token-major, n k + slot; argsort(stable=True) "
+                    "keeps each expert's tokens in that order) and drop those beyond its capacity; a dropped "
+                    "assignment contributes nothing, the others keep their weights"),
                 {why: lambda bug=bug: variant(*bug)[0] for why, bug in wrong.items()})
         compare(f"{what}: last_drop_rate (of {N * k} assignments, {round(rate * N * k)} dropped)", got["drop_rate"],
-                rate, 1e-9, "the fraction of the N k assignments dropped in the last call, a float",
+                rate, 1e-6, "the fraction of the N k assignments dropped in the last call, a float (or a 0-d tensor)",
                 {why: lambda bug=bug: variant(*bug)[1] for why, bug in wrong.items()})
+        for then, again in zip(("then called again with capacity_factor set to None (nothing dropped)",
+                                f"then, capacity_factor back to {cf}, called on its first token alone (one token: "
+                                "nothing can be dropped)"), got["again"]):
+            compare(f"{what}, {then}: last_drop_rate", again, 0.0, 1e-6,
+                    "last_drop_rate is stale: set it at every call, to the fraction dropped in that call (0.0 when "
+                    "nothing is dropped, or when capacity_factor is None)")
     return ("each expert keeps its first ceil(c · N k / E) assignments in token order, as a plain count does; the "
-            "rest are dropped (Mixtral's experts on what is kept), and last_drop_rate counts them")
+            "rest are dropped (Mixtral's experts on what is kept), and last_drop_rate counts them at every call")
 
 
 # ---------------------------------------------------------------- 3. the load-balancing loss
@@ -333,22 +362,34 @@ def balancing_cases(g: torch.Generator) -> list[dict]:
         return routable(lambda n: scale * torch.randn(n, E, generator=g) + lean * torch.eye(E)[favourite], N,
                         torch.eye(E), k)
 
+    def bf16(N: int, E: int, k: int, lean: float = 0.0) -> torch.Tensor:
+        """(N, E) bfloat16 logits, ``lean`` added to expert 0's, their top-k choices clear (by 1e-3) in float32."""
+        return routable(lambda n: (1.5 * torch.randn(n, E, generator=g) + lean * torch.eye(E)[0]).bfloat16(), N,
+                        torch.eye(E), k)
+
     cases = [("1 layer of 32 tokens, E = 8, k = 2", (layer(32, 8, 2),), 8, 2),
              ("3 layers of 20 tokens, E = 8, k = 2 (one leaning to expert 0)",
               (layer(20, 8, 2), layer(20, 8, 2, lean=3.0), layer(20, 8, 2, 0.5)), 8, 2),
              ("3 layers of 16 tokens, E = 4, k = 1", (layer(16, 4, 1), layer(16, 4, 1, lean=2.0), layer(16, 4, 1)),
               4, 1),
-             ("1 layer of 24 tokens, E = 6, k = 3", (layer(24, 6, 3),), 6, 3)]
+             ("1 layer of 24 tokens, E = 6, k = 3", (layer(24, 6, 3),), 6, 3),
+             # in bfloat16, computed in float32: a bfloat16 softmax is off by 1e-3 or so, two cases make it certain
+             ("2 layers of 32 tokens in bfloat16, E = 8, k = 2", (bf16(32, 8, 2), bf16(32, 8, 2)), 8, 2),
+             ("1 layer of 24 tokens in bfloat16, E = 6, k = 1 (leaning to expert 0)", (bf16(24, 6, 1, 2.0),), 6, 1)]
     uniform = [("a uniform router (all logits 0), 1 layer of 16 tokens, E = 8, k = 2", (torch.zeros(16, 8),), 8, 2),
                ("a uniform router, 2 layers of 10 tokens, E = 4, k = 1", (torch.zeros(10, 4),) * 2, 4, 1)]
     collapsed = [(f"a collapsed router (expert 3's logit 30 above the others), E = 8, k = {k}",
                   (layer(16, 8, k, lean=30.0, favourite=3),), 8, k) for k in (1, 2)]
     return ([{"what": f"load_balancing_loss on {what} (vs transformers' load_balancing_loss_func)",
               "args": [layers, E, k]} for what, layers, E, k in cases]
-            + [{"what": f"load_balancing_loss on {what}: exactly k", "args": [layers, E, k], "want": float(k)}
-               for what, layers, E, k in uniform]
+            + [{"what": f"load_balancing_loss on {what}: exactly k", "args": [layers, E, k], "want": float(k),
+                "ties": True} for what, layers, E, k in uniform]
             + [{"what": f"load_balancing_loss on {what}: E (f = 1 and P = 1 on expert 3; the other slots' experts "
                         "have P = 0)", "args": [layers, E, k], "want": float(E)} for what, layers, E, k in collapsed])
+
+
+BALANCING_BF16 = ("the softmax ran in bfloat16: cast the logits to float32 first (torch.cat of layer.float()), so that "
+                  "P and the loss are computed in float32")
 
 
 def balancing_suspects(case: dict) -> dict:
@@ -367,7 +408,9 @@ def balancing_suspects(case: dict) -> dict:
             "P is the mean of the renormalised top-k weights: it is the mean of the full softmax over all E experts "
             "(the softmax before top-k)": E * (f * P_topk).sum(),
             "f counts only each token's first choice: count all k choices": E * (F.one_hot(top.indices[:, 0], E)
-                                                                                 .double().mean(0) * p.mean(0)).sum()}
+                                                                                 .double().mean(0) * p.mean(0)).sum()
+            } | ({BALANCING_BF16: lambda: E * (f * torch.cat(layers).softmax(dim=-1).mean(dim=0).double()).sum()}
+                 if layers[0].dtype == torch.bfloat16 else {})
 
 
 def balancing_reference(case: dict) -> torch.Tensor:
@@ -375,15 +418,57 @@ def balancing_reference(case: dict) -> torch.Tensor:
     return ref.load_balancing_loss(*case["args"]) if want is None else torch.tensor(want, dtype=torch.float64)
 
 
-@define("05.load_balancing", table_inputs(balancing_cases), run_cases)
+def balancing_collect(inputs: dict, load_balancing_loss) -> dict:
+    """Each case's loss (detached), and its gradient with respect to each layer's logits: the logits are given as
+    leaves that require grad and the loss is backpropagated (None where it has no gradient: no grad_fn)."""
+    outputs, grads = [], []
+    for case in inputs["cases"]:
+        layers, E, k = case["args"]
+        leaves = tuple(layer.clone().requires_grad_() for layer in layers)
+        loss = attempt(load_balancing_loss, leaves, E, k)
+        outputs.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+
+        def backward(loss=loss, leaves=leaves):
+            if not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
+                return None
+            loss.backward()
+            return [torch.zeros_like(t) if t.grad is None else t.grad.clone() for t in leaves]
+
+        grads.append(None if isinstance(loss, dict) else attempt(backward))
+    return {"outputs": outputs, "grads": grads}
+
+
+NO_GRADIENT = ("the loss has no gradient with respect to the router logits: it trains the router through P, so compute "
+               "P from the softmax of the logits with autograd on (no .detach(), no torch.no_grad(), no .item())")
+
+
+@define("05.load_balancing", table_inputs(balancing_cases), balancing_collect)
 def load_balancing(inputs: dict, out: dict) -> str:
-    for case, got in zip(inputs["cases"], out["outputs"], strict=True):
-        compare(case["what"], got, balancing_reference(case), 1e-5,
+    for case, got, grads in zip(inputs["cases"], out["outputs"], out["grads"], strict=True):
+        what, (layers, E, k) = case["what"], case["args"]
+        half = layers[0].dtype == torch.bfloat16
+        if half and isinstance(got, torch.Tensor) and got.dtype == torch.bfloat16:
+            raise AssertionError(f"{what}: the loss is torch.bfloat16, expected torch.float32: {BALANCING_BF16}")
+        compare(what, got, balancing_reference(case), 1e-5,
                 "E · sum over experts of f_i P_i, with f_i the fraction of tokens that chose expert i (any of their k "
                 "slots) and P_i the mean softmax probability of expert i, over all layers' tokens together",
                 balancing_suspects(case))
+        if raised(grads):
+            raise AssertionError(f"{what}: loss.backward() raised {raised(grads)}")
+        if grads is None:
+            raise AssertionError(f"{what}: loss.grad_fn is None: {NO_GRADIENT}")
+        if case.get("ties"):  # all logits equal: which experts top-k picks, hence the gradient, is arbitrary
+            continue
+        want = ref.load_balancing_gradients(layers, E, k)
+        if not any(bool(g.any()) for g in grads):
+            raise AssertionError(f"{what}: the gradient is 0: {NO_GRADIENT}")
+        for n, (grad, w) in enumerate(zip(grads, want, strict=True)):
+            atol = 2 ** -8 * w.abs().max().item() if half else 1e-6  # a bfloat16 gradient: an ulp of its largest
+            compare(f"{what}: the gradient with respect to layer {n}'s logits (autograd)", grad, w, atol,
+                    "the gradient flows through P only (f counts choices, a constant): P_i is the mean of the full "
+                    "softmax, computed with autograd on")
     return ("equals transformers' load_balancing_loss_func (layers pooled), k for a uniform router and E for a "
-            "collapsed one")
+            "collapsed one; its gradient matches (through P), and bfloat16 logits are computed in float32")
 
 
 # ---------------------------------------------------------------- 4. shared experts
@@ -423,22 +508,33 @@ def shared_expert(inputs: dict, out: dict) -> str:
 
 # ---------------------------------------------------------------- 5. DeepSeek-V3's router
 def deepseek_select(scores: torch.Tensor, bias: torch.Tensor, k: int, G: int, topk_group: int, group: str = "top2",
-                    limit: bool = True, use_bias: bool = True) -> torch.Tensor:
+                    limit: bool = True, use_bias: bool = True, fill: float = -math.inf,
+                    scores_only: bool = False) -> torch.Tensor:
     """(N, k) experts chosen from float64 ``scores`` (N, E) as DeepSeek-V3 does, or as the usual wrong versions do:
-    groups scored by their ``group`` ("top2" sum, "max"), no group ``limit``, or the bias left out of the choice."""
+    groups scored by their ``group`` ("top2" sum, "max"), no group ``limit``, the bias left out of the choice, or
+    the other groups masked with ``fill`` 0. ``scores_only``: the (N, E) scores the top-k chooses from instead."""
     N, E = scores.shape
     biased = scores + bias.double() if use_bias else scores
     if limit:
         grouped = biased.view(N, G, E // G)
         group_scores = grouped.max(-1).values if group == "max" else grouped.topk(2, dim=-1).values.sum(-1)
         allowed = torch.zeros(N, G, dtype=torch.bool).scatter(1, group_scores.topk(topk_group, -1).indices, True)
-        biased = biased.masked_fill(~allowed.repeat_interleave(E // G, dim=1), -math.inf)
-    return biased.topk(k, dim=-1).indices
+        biased = biased.masked_fill(~allowed.repeat_interleave(E // G, dim=1), fill)
+    return biased if scores_only else biased.topk(k, dim=-1).indices
+
+
+def top_k_of(chosen: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``chosen`` (N, k) if each row is a top-k of ``scores`` (N, E) (ties broken any way: k distinct experts, none
+    below the k-th largest score), else -1s: the suspect of a bug whose top-k has ties."""
+    distinct = (chosen.sort(-1).values.diff(dim=-1) != 0).all() if k > 1 else True
+    ok = bool(distinct) and bool((scores.gather(1, chosen) >= scores.topk(k, dim=-1).values[:, -1:]).all())
+    return chosen if ok else torch.full_like(chosen, -1)
 
 
 def deepseek_clear(x: torch.Tensor, c: dict, margin: float = 1e-4) -> torch.Tensor:
     """(N,) bool: the rows whose choice of groups and of experts is ``margin`` clear of a tie (so that float32 and
-    float64 agree), with the k-th chosen biased score positive (so that masking with 0 or with -inf agree)."""
+    float64 agree), with the k-th chosen biased score positive (so that masking with 0 or with -inf agree), or, for
+    a case marked ``negative``, negative (so that they disagree)."""
     (N, _), (E, _), (_, _, k, G, topk_group, _) = x.shape, c["weights"]["weight"].shape, c["init"]
     biased = torch.sigmoid(x.double() @ c["weights"]["weight"].double().T) + c["weights"]["bias"].double()
     group_scores = biased.view(N, G, E // G).topk(2, dim=-1).values.sum(-1)
@@ -447,18 +543,26 @@ def deepseek_clear(x: torch.Tensor, c: dict, margin: float = 1e-4) -> torch.Tens
         clear &= ranked_groups[:, topk_group - 1] - ranked_groups[:, topk_group] > margin
     allowed = torch.zeros(N, G, dtype=torch.bool).scatter(1, group_scores.topk(topk_group, -1).indices, True)
     ranked = biased.masked_fill(~allowed.repeat_interleave(E // G, dim=1), -math.inf).sort(-1, descending=True).values
-    clear &= ranked[:, k - 1] > 0
+    clear &= ranked[:, k - 1] < 0 if c.get("negative") else ranked[:, k - 1] > 0
     if k < E:
         clear &= ranked[:, k - 1] - ranked[:, k] > margin
     return clear
 
 
-def deepseek_case(g: torch.Generator, D: int, E: int, k: int, G: int, topk_group: int, rsf: float, N: int) -> dict:
+def deepseek_case(g: torch.Generator, D: int, E: int, k: int, G: int, topk_group: int, rsf: float, N: int,
+                  negative: bool = False) -> dict:
+    """A DeepSeekRouter case. ``negative``: the odd experts' biases lowered by 2, so that every biased score there is
+    negative, and every group's second best too; with k above the number of groups kept, the k-th choice is one of
+    them, which an expert masked with 0 instead of -inf would beat."""
     weights = {"weight": 1.5 * torch.randn(E, D, generator=g) / math.sqrt(D),
                "bias": 0.15 * (2 * torch.rand(E, generator=g) - 1)}  # moves some choices, keeps the chosen positive
+    if negative:
+        weights["bias"][1::2] -= 2.0
     case = {"what": f"DeepSeekRouter({D}, {E}, {k}, n_group={G}, topk_group={topk_group}, routed_scaling_factor="
-                    f"{rsf}) on ({N}, {D}) with a nonzero bias", "init": [D, E, k, G, topk_group, rsf],
-            "weights": weights}
+                    f"{rsf}) on ({N}, {D}) with a nonzero bias" + (
+                        " (about -2 on the odd experts: the k-th choice has a negative biased score)"
+                        if negative else ""),
+            "init": [D, E, k, G, topk_group, rsf], "weights": weights, "negative": negative}
     x = torch.randn(N, D, generator=g)
     for _ in range(100):
         bad = ~deepseek_clear(x, case)
@@ -466,14 +570,18 @@ def deepseek_case(g: torch.Generator, D: int, E: int, k: int, G: int, topk_group
             return case | {"args": [x]}
         x[bad] = torch.randn(int(bad.sum()), D, generator=g)
     raise RuntimeError("could not draw inputs with clear DeepSeek choices")
+
+
 def deepseek_inputs(seed: int, configs=((16, 16, 4, 4, 2, 2.5, 24), (16, 8, 2, 1, 1, 1.0, 16),
-                                        (12, 16, 4, 4, 2, 1.0, 24)), updates: bool = True) -> dict:
-    g = seeded_generator(seed)  # (d_model, n_experts, k, n_group, topk_group, routed_scaling_factor, tokens)
+                                        (12, 16, 4, 4, 2, 1.0, 24), (16, 8, 3, 4, 2, 1.0, 16, True)),
+                    updates: bool = True) -> dict:
+    g = seeded_generator(seed)  # (d_model, n_experts, k, n_group, topk_group, rsf, tokens[, negative])
     inputs = {"cases": [deepseek_case(g, *c) for c in configs], "updates": []}
-    if updates:  # hand-made counts (long and float; some at exactly the mean), then bincount's counts of random tokens
+    if updates:  # hand-made counts (long and float; some at exactly the mean; a mean of 2.75 that an integer division
+        # rounds to 2), then bincount's counts of random tokens
         bias = torch.tensor([0.1, -0.2, 0.0, 0.05])
         calls = [[torch.tensor([5, 1, 3, 3]), 0.01], [torch.tensor([0.0, 10.0, 4.0, 6.0]), 0.001],
-                 [torch.tensor([2, 2, 2, 2]), 0.5]]
+                 [torch.tensor([2, 2, 2, 2]), 0.5], [torch.tensor([5, 1, 3, 2]), 0.01]]
         random = torch.bincount(torch.randint(8, (40,), generator=g), minlength=8)
         inputs["updates"] = [
             {"what": "DeepSeekRouter(8, 4, 2, n_group=1, topk_group=1)", "init": [8, 4, 2, 1, 1],
@@ -523,6 +631,10 @@ def deepseek_router(inputs: dict, out: dict) -> str:
         compare(f"{what}: the k experts chosen for each token (indices, compared as sets; vs {by})", got_i, want_i, 0,
                 "top-k of the biased scores s + bias, among the experts of the topk_group groups whose two best biased "
                 "scores sum highest (the others masked with -inf)", {
+                    "the experts of the other groups are masked with 0, which beats a negative biased score (a bias "
+                    "can make s + bias negative): mask them with float('-inf'), e.g. masked_fill(~allowed, "
+                    "float('-inf'))": lambda: top_k_of(got_i, deepseek_select(s64, bias, k, G, topk_group, fill=0.0,
+                                                                               scores_only=True), k),
                     "the bias is left out of the choice: choose with s + bias (and weight with s)":
                     lambda: choose(use_bias=False),
                     "there is no group limit: only the experts of the topk_group best groups may be chosen":
@@ -550,7 +662,9 @@ def deepseek_router(inputs: dict, out: dict) -> str:
                         "experts at exactly the mean count moved: sign(0) = 0 leaves them where they are":
                         b + gamma * torch.where(c > c.mean(), -1.0, 1.0),
                         "the step is gamma · (mean - counts): it is gamma times the sign of that":
-                        b + gamma * (c.mean() - c)})
+                        b + gamma * (c.mean() - c),
+                        "the mean is rounded down (an integer division of the counts): take the mean of the counts as "
+                        "floats, counts.float().mean()": b + gamma * torch.sign(c.mean().floor() - c)})
             b = b + step
     return ("chosen experts and weights match transformers' DeepseekV3TopkRouter (bias for choice only, group-limited, "
             "scaled); update_bias follows b += gamma · sign(mean - counts)")
@@ -571,17 +685,21 @@ def mor_case(g: torch.Generator, B: int, T: int, D: int, R: int, capacity: float
         routers = [(weights[f"routers.{r}.weight"], weights[f"routers.{r}.bias"]) for r in range(R)]
         if ref.mixture_of_recursions(x, routers, capacity, M)[2] > 1e-3:
             return {"what": f"MixtureOfRecursions(block, {D}, max_recursions={R}, capacity={capacity}) on {(B, T, D)}",
-                    "init": [D, R, capacity], "weights": weights, "x": x, "M": M}
+                    "init": [D, R, capacity], "weights": weights, "x": x, "M": M,
+                    "projection": torch.randn(B, T, D, generator=g)}  # the gradient check backpropagates sum(P · y)
     raise RuntimeError("could not draw a Mixture of Recursions with clear choices")
 
 
-def mor_inputs(seed: int, configs=((2, 10, 8, 3, 0.5), (1, 7, 8, 2, 0.6), (3, 9, 8, 3, 0.4))) -> dict:
-    g = seeded_generator(seed)  # (B, T, d_model, max_recursions, capacity)
+def mor_inputs(seed: int, configs=((2, 10, 8, 3, 0.5), (1, 7, 8, 2, 0.6), (3, 9, 8, 3, 0.4), (1, 32, 8, 3, 0.7))
+               ) -> dict:
+    g = seeded_generator(seed)  # (B, T, d_model, max_recursions, capacity); the last: 23, 17, 12 tokens, nested ceil
     return {"cases": [mor_case(g, *c) for c in configs]}
 
 
 def mor_collect(inputs: dict, MixtureOfRecursions) -> dict:
-    """Each case's output, and what the stand-in block was given at each call: the (position, sequence) of its rows."""
+    """Each case's output, what the stand-in block was given at each call (the (position, sequence) of its rows),
+    and, from a second module with grad on, the gradients of sum(projection · output) for the routers' parameters
+    (None for one that gets none)."""
 
     class RecordingBlock(nn.Module):
         """The check's block: it records channels 0 and 1 of what it is given (each token's position and sequence),
@@ -607,7 +725,18 @@ def mor_collect(inputs: dict, MixtureOfRecursions) -> dict:
             continue
         with torch.no_grad():
             y = attempt(mor, case["x"])
-        outputs.append({"y": y, "seen": block.seen})
+
+        def gradients():
+            again = build(MixtureOfRecursions, case["weights"], case["what"], RecordingBlock(case["M"]),
+                          *case["init"])
+            loss = (again(case["x"]) * case["projection"]).sum()
+            if loss.grad_fn is not None:  # else no parameter reaches the output
+                loss.backward()
+            found = dict(again.named_parameters())
+            return {name: None if name not in found or found[name].grad is None else found[name].grad.clone()
+                    for name in case["weights"]}
+
+        outputs.append({"y": y, "seen": block.seen, "grads": attempt(gradients)})
     return {"outputs": outputs}
 
 
@@ -623,6 +752,11 @@ def mor(inputs: dict, out: dict) -> str:
         if len(seen) != R:
             raise AssertionError(f"{what}: the block was called {len(seen)} times, expected {R}: once per step, on the "
                                  f"selected tokens of all B sequences at once, (B, m, d_model) with m = {sizes}")
+        compounded = [math.ceil(capacity ** r * T) for r in range(1, R + 1)]
+        if [c.shape[1] for c in seen] == compounded != sizes:
+            raise AssertionError(f"{what}: the block was given {compounded} tokens per sequence at its {R} steps, "
+                                 f"expected {sizes}: the capacity applies to the tokens left at each step, rounded up "
+                                 "there, m_r = ceil(capacity · m_(r-1)) with m_0 = T, not ceil(capacity^r · T)")
         if any(bool(((c[..., 0] < 0) | (c[..., 0] >= T) | (c[..., 1] < 0) | (c[..., 1] >= B)).any()) for c in seen):
             raise AssertionError(f"{what}: the block was given rows that are not tokens of x (the check's x carries "
                                  "each token's position in channel 0): give it the selected rows of h, gathered")
@@ -667,8 +801,33 @@ def mor(inputs: dict, out: dict) -> str:
                 "update, for each selected t", {
                     "the update is h + block(h): multiply the block's output by the router weight w = sigmoid(...)":
                     lambda: ref.mixture_of_recursions(x, routers, capacity, case["M"], weighted=False)[0]})
-    return ("each step's block sees exactly the selected tokens, in causal order; depth and outputs match a float64 "
-            "loop; the other tokens pass unchanged")
+        check_mor_gradients(case, got["grads"], routers)
+    return ("each step's block sees exactly the selected tokens, in causal order; depth, outputs and the routers' "
+            "gradients match a float64 loop; the other tokens pass unchanged")
+
+
+def check_mor_gradients(case: dict, grads, routers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """The routers' gradients of sum(projection · output) against autograd through the float64 loop."""
+    what, x, (_, _, capacity) = case["what"], case["x"], case["init"]
+    if raised(grads):
+        raise AssertionError(f"{what}: the forward and backward with grad on (of sum(P · output) for a fixed random "
+                             f"P) raised {raised(grads)}")
+    leaves = [(w.double().requires_grad_(), b.double().requires_grad_()) for w, b in routers]
+    y = ref.mixture_of_recursions(x, leaves, capacity, case["M"])[0]
+    want = torch.autograd.grad((y * case["projection"].double()).sum(), [t for pair in leaves for t in pair])
+    names = [f"routers.{r}.{kind}" for r in range(len(routers)) for kind in ("weight", "bias")]
+    missing = [name for name in names if not isinstance(grads.get(name), torch.Tensor) or not bool(grads[name].any())]
+    if missing:
+        raise AssertionError(
+            f"{what}: the router gets no gradient (none for "
+            f"{'any router' if len(missing) == len(names) else ', '.join(missing)}, after backward of sum(P · output) "
+            "for a fixed random P): multiply the block's output by w = sigmoid(router(h)) as it is (not detached, "
+            "not under torch.no_grad()): that product is the routers' only path to the loss, how they learn")
+    for name, w in zip(names, want, strict=True):
+        compare(f"{what}: the gradient of sum(P · output) for {name} (P a fixed random tensor; vs autograd through a "
+                "float64 loop)", grads[name], w, 1e-4 * max(1.0, w.abs().max().item()),
+                "the routers learn through h_t + w_t · block(h)_t, with w = sigmoid(router(h)) computed on h before "
+                "the step's update")
 
 
 # ---------------------------------------------------------------- 7. expert parallelism
@@ -685,18 +844,56 @@ def expert_parallel_inputs(seed: int, configs=((8, 2, (1, 7)), (8, 4, (2, 5)))) 
 
 
 def expert_parallel_collect(inputs: dict, run_expert_parallel, SparseMoE) -> dict:
-    """run_expert_parallel on the student's SparseMoE built with each case's weights."""
-    outputs = []
-    for case in inputs["cases"]:
+    """run_expert_parallel on the student's SparseMoE built with each case's weights, with torch.distributed's
+    all_to_all_single counting, per rank, its calls that carry token rows (2-D float tensors of width D) and the rows
+    sent and received (into a tensor in shared memory, which the forked ranks write); then the first case again with
+    every such row zeroed on arrival (the output must then be 0: it comes from the exchanged rows). A rank's error is
+    reported by its first and last lines (and the student's last frame), not its whole traceback."""
+    dist = torch.distributed
+    original = dist.all_to_all_single
+    outputs, traffic, zeroed = [], [], None
+
+    def run(case: dict, counts: torch.Tensor, zero: bool):
+        D = case["args"][0].shape[-1]
+
+        def counting(output, input, *args, **kwargs):
+            done = original(output, input, *args, **kwargs)
+            if all(t.dim() == 2 and t.is_floating_point() and t.shape[-1] == D for t in (output, input)):
+                rank = dist.get_rank()
+                counts[rank] += torch.tensor([1, input.shape[0], output.shape[0]])
+                if zero:
+                    output.zero_()
+            return done
+
         moe = attempt(build, SparseMoE, case["weights"], case["what"], *case["init"])
-        outputs.append(moe if isinstance(moe, dict) else
-                       attempt(run_expert_parallel, moe, *case["args"], case["world_size"]))
-    return {"outputs": outputs}
+        if isinstance(moe, dict):
+            return moe
+        dist.all_to_all_single = counting
+        try:
+            return run_expert_parallel(moe, *case["args"], case["world_size"])
+        except Exception as error:
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            if len(lines) < 2:
+                raise
+            frames = [line for line in lines if line.startswith('File "') and "site-packages" not in line
+                      and "labkit" not in line]  # the student's last frame
+            where = f" (at {frames[-1][5:]})" if frames else ""
+            return {"raised": f"{type(error).__name__}: {lines[0]}"[:150] + f"{where[:150]} … {lines[-1]}"[:400]}
+        finally:
+            dist.all_to_all_single = original
+
+    for n, case in enumerate(inputs["cases"]):
+        counts = torch.zeros(case["world_size"], 3, dtype=torch.long).share_memory_()
+        outputs.append(attempt(run, case, counts, False))
+        traffic.append(counts)
+        if n == 0:
+            zeroed = attempt(run, case, torch.zeros_like(counts).share_memory_(), True)
+    return {"outputs": outputs, "traffic": traffic, "zeroed": zeroed}
 
 
 @define("05.expert_parallel", expert_parallel_inputs, expert_parallel_collect)
 def expert_parallel(inputs: dict, out: dict) -> str:
-    for case, got in zip(inputs["cases"], out["outputs"], strict=True):
+    for case, got, counts in zip(inputs["cases"], out["outputs"], out["traffic"], strict=True):
         w, x, k, W, E = case["weights"], case["args"][0], case["k"], case["world_size"], case["init"][2]
         want = ref.mixtral_moe(w, x, k)[0]
         flat = x.reshape(-1, x.shape[-1])
@@ -716,5 +913,40 @@ def expert_parallel(inputs: dict, out: dict) -> str:
                 "each rank routes its own share of the tokens (tensor_split), sends each assignment to the rank that "
                 "holds its expert, runs its own experts on what it receives, gets the results back and adds them, "
                 "weighted, at its tokens' rows of y", suspects)
+        check_traffic(case, counts)
+    case, zeroed = inputs["cases"][0], out["zeroed"]
+    if raised(zeroed):
+        raise AssertionError(f"{case['what']}, with every exchanged token row zeroed on arrival: raised "
+                             f"{raised(zeroed)}")
+    compare(f"{case['what']}, with every token row that dist.all_to_all_single delivers zeroed on arrival (y must then "
+            "be 0, since SwiGLU(0) = 0)", zeroed, torch.zeros(case["args"][0].shape), 0,
+            f"y does not come from the exchanged rows: {TRAVEL}, run there by their experts, and the results must "
+            "come back the same way to make y; compute nothing from the other ranks' experts locally")
     return ("with 2 and 4 processes and uneven shares of tokens, the all-to-all dispatch matches transformers' "
-            "MixtralSparseMoeBlock")
+            "MixtralSparseMoeBlock; each assignment travels with all_to_all_single, out and back")
+
+
+TRAVEL = "the tokens must travel with dist.all_to_all_single to the ranks holding their experts"
+
+
+def check_traffic(case: dict, counts: torch.Tensor) -> None:
+    """Every rank exchanged token rows with all_to_all_single, and the ranks received between N k rows in all (each
+    assignment sent once) and 2 N k (each sent out and its result back, as the solution does)."""
+    x, k, W = case["args"][0], case["k"], case["world_size"]
+    N, D = x.shape[:2].numel(), x.shape[-1]
+    counts = as_tensor(f"{case['what']}: the count of all_to_all_single calls", counts, (W, 3)).long()
+    idle = [r for r in range(W) if counts[r, 0] == 0]
+    if idle:
+        raise AssertionError(
+            f"{case['what']}: rank{'s' * (len(idle) > 1)} {', '.join(map(str, idle))} exchanged no token rows (2-D "
+            f"float tensors of width {D}) with dist.all_to_all_single: {TRAVEL} (a rank's part going to itself too), "
+            "and the results come back the same way. Computing them locally, or with other collectives, is not "
+            "expert parallelism")
+    received = int(counts[:, 2].sum())
+    if not N * k <= received <= 2 * N * k:
+        raise AssertionError(
+            f"{case['what']}: the ranks received {received} token rows with dist.all_to_all_single in all, per rank "
+            f"{counts[:, 2].tolist()}; the {N} tokens' {N * k} assignments, each sent once to its expert's rank and "
+            f"its result sent back once, make {2 * N * k}. " + (
+                "Each rank must route only its own share of the tokens (torch.tensor_split(..., world_size)[rank])"
+                if received > 2 * N * k else f"{TRAVEL}, each assignment once"))

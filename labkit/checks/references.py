@@ -566,6 +566,15 @@ def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], n_experts: int,
     return torch.as_tensor(loss_func(tuple(t.double() for t in router_logits), n_experts, k)).double()
 
 
+def load_balancing_gradients(router_logits: tuple[torch.Tensor, ...], n_experts: int, k: int) -> list[torch.Tensor]:
+    """The gradient of :func:`load_balancing_loss` (transformers' ``load_balancing_loss_func``, float64) with respect
+    to each layer's logits, by autograd: it flows through the mean probabilities P only (f counts choices)."""
+    leaves = [t.detach().double().requires_grad_() for t in router_logits]
+    loss = hf("mixtral", "load_balancing_loss_func")(tuple(leaves), n_experts, k)
+    return [torch.zeros_like(t) if g is None else g
+            for t, g in zip(leaves, torch.autograd.grad(loss, leaves, allow_unused=True))]
+
+
 def qwen2_moe(weights: dict, x: torch.Tensor, k: int, variant: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' ``Qwen2MoeSparseMoeBlock`` (``norm_topk_prob=True``, eager experts), in float64, carrying a
     SharedExpertMoE's weights: (output (B, T, D), router logits (B T, E)). ``variant`` reassembles its parts into
@@ -620,21 +629,24 @@ def mixture_of_recursions(x: torch.Tensor, routers: list[tuple[torch.Tensor, tor
     selected at step r - 1 (all of them at step 1), w = sigmoid(h w_r + b_r); the ceil(capacity * n) best go on,
     in causal order, and h_t += w_t * block(h of those tokens)_t. Returns the output, the positions selected at each
     step ((B, m) each, increasing), and the smallest gap between the last selected and the first left-out weight.
-    ``weighted=False`` leaves w out of the update (h_t += block(...)_t), for diagnoses."""
-    h = x.double().clone()
-    B, T, _ = h.shape
+    Differentiable: with routers that require grad, autograd gives their gradients (each token's row is a new tensor
+    at each update, nothing in place). ``weighted=False`` leaves w out of the update (h_t += block(...)_t), for
+    diagnoses."""
+    B, T, _ = x.shape
+    rows = [[x[b, t].double() for t in range(T)] for b in range(B)]  # rows[b][t]: token t of sequence b, (D,)
     steps, margin = [[] for _ in routers], math.inf
     for b in range(B):
         active = list(range(T))
         for r, (weight, bias) in enumerate(routers):
-            w = {t: torch.sigmoid(h[b, t] @ weight[0].double() + bias[0].double()).item() for t in active}
-            m, ranked = math.ceil(capacity * len(active)), sorted(active, key=lambda t: -w[t])
+            w = {t: torch.sigmoid(rows[b][t] @ weight[0].double() + bias[0].double()) for t in active}
+            m, ranked = math.ceil(capacity * len(active)), sorted(active, key=lambda t: -w[t].item())
             if m < len(active):
-                margin = min(margin, w[ranked[m - 1]] - w[ranked[m]])
+                margin = min(margin, w[ranked[m - 1]].item() - w[ranked[m]].item())
             chosen = sorted(ranked[:m])
-            out = mor_block(h[b, chosen][None], M)[0]
+            out = mor_block(torch.stack([rows[b][t] for t in chosen])[None], M)[0]
             for i, t in enumerate(chosen):
-                h[b, t] = h[b, t] + (w[t] if weighted else 1.0) * out[i]
+                rows[b][t] = rows[b][t] + (w[t] if weighted else 1.0) * out[i]
             steps[r].append(chosen)
             active = chosen
+    h = torch.stack([torch.stack(sequence) for sequence in rows])
     return h, [torch.tensor(chosen) for chosen in steps], margin

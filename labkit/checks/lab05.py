@@ -941,7 +941,8 @@ def check_traffic(case: dict, counts: torch.Tensor) -> None:
             f"{case['what']}: rank{'s' * (len(idle) > 1)} {', '.join(map(str, idle))} exchanged no token rows (2-D "
             f"float tensors of width {D}) with dist.all_to_all_single: {TRAVEL} (a rank's part going to itself too), "
             "and the results come back the same way. Computing them locally, or with other collectives, is not "
-            "expert parallelism")
+            "expert parallelism. (Call it as dist.all_to_all_single, through the module: the check counts the "
+            "calls made that way, and not those of a name imported with from torch.distributed import ...)")
     received = int(counts[:, 2].sum())
     if not N * k <= received <= 2 * N * k:
         raise AssertionError(

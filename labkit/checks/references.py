@@ -650,3 +650,168 @@ def mixture_of_recursions(x: torch.Tensor, routers: list[tuple[torch.Tensor, tor
             active = chosen
     h = torch.stack([torch.stack(sequence) for sequence in rows])
     return h, [torch.tensor(chosen) for chosen in steps], margin
+
+
+# ---------------------------------------------------------------- Lab 6: sparse and long-context attention
+def hf_sliding_window_mask(T: int, window: int) -> torch.Tensor:
+    """(T, T) bool, True = may attend: transformers' own sliding-window causal mask, built by ``masking_utils``'
+    ``sdpa_mask`` from ``sliding_window_causal_mask_function(window)``, materialised (``allow_is_causal_skip=False``).
+    Query i sees the keys j with i - window < j <= i: ``window`` keys counting itself, as Mistral's
+    ``sliding_window`` and flash-attention's ``window_size=(window - 1, 0)``. transformers 5 names the query length
+    ``q_length``; the earlier form of ``sdpa_mask`` took a ``cache_position`` instead."""
+    import inspect
+
+    with IMPORT_LOCK:
+        masking_utils = importlib.import_module("transformers.masking_utils")
+    sdpa_mask = masking_utils.sdpa_mask
+    where = ({"q_length": T} if "q_length" in inspect.signature(sdpa_mask).parameters
+             else {"cache_position": torch.arange(T)})
+    mask = sdpa_mask(batch_size=1, kv_length=T, mask_function=masking_utils.sliding_window_causal_mask_function(window),
+                     allow_is_causal_skip=False, **where)
+    return mask[0, 0].bool().clone()
+
+
+def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` (scale 1/sqrt(d)) under :func:`hf_sliding_window_mask`, in float64, on
+    (B, H, T, d) tensors. With fewer queries than keys the queries are the last ones (decoding)."""
+    T_q, T_k = q.shape[-2], k.shape[-2]
+    mask = hf_sliding_window_mask(T_k, window)[T_k - T_q:]
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+
+
+def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
+    """Katharopoulos et al.'s feature map phi(x) = elu(x) + 1 (``elu_feature_map`` in fast-transformers)."""
+    return F.elu(x) + 1
+
+
+def quadratic_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                               feature_map=elu_plus_one) -> torch.Tensor:
+    """Linear attention the slow way, in float64: A = phi(Q) phi(K)^T (T_q, T_k), zeroed above the diagonal when
+    ``causal``, and out = A V / A.sum(-1): no 1/sqrt(d) (the feature map takes the raw q and k) and no epsilon in
+    the denominator (fast-transformers adds 1e-6 there)."""
+    fq, fk = feature_map(q.double()), feature_map(k.double())
+    A = fq @ fk.transpose(-1, -2)
+    if causal:
+        T_q, T_k = A.shape[-2:]
+        A = A * torch.ones(T_k, T_k, dtype=torch.bool).tril()[T_k - T_q:]
+    return (A @ v.double()) / A.sum(dim=-1, keepdim=True)
+
+
+def orthogonal_gaussian(n_features: int, d: int, generator: torch.Generator, scaling: str = "chi",
+                        sign_correction: bool = True, n_draws: int | None = None) -> torch.Tensor:
+    """Performer's orthogonal random features (n_features, d) in float64, or ``n_draws`` independent draws of them
+    (n_draws, n_features, d): blocks of d orthogonal rows, each the transposed Q of the QR of a d x d Gaussian
+    matrix, stacked, the last block cut to the rows still needed (google-research's
+    ``GaussianOrthogonalRandomMatrix``). ``sign_correction`` takes Q diag(sign(diag R)), which is Haar-distributed
+    (Mezzadri 2007; Performer's code does not); without it each row is not uniformly distributed on the sphere. The
+    rows are then scaled: "chi", by the norms of the rows of a fresh (n_features, d) Gaussian matrix (Performer's
+    default ``scaling=0``: each row marginally N(0, I_d)); "sqrt_d", by sqrt(d) (``scaling=1``); "none", unit rows.
+    Draw order: all the Gaussian blocks in one ``randn``, then the chi norms in one."""
+    batch = () if n_draws is None else (n_draws,)
+    n_blocks = -(-n_features // d)
+    Q, R = torch.linalg.qr(torch.randn(*batch, n_blocks, d, d, generator=generator, dtype=torch.float64))
+    if sign_correction:
+        Q = Q * torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).unsqueeze(-2)  # column i times sign(R_ii)
+    W = Q.transpose(-1, -2).reshape(*batch, n_blocks * d, d)[..., :n_features, :]
+    if scaling == "chi":
+        return W * torch.randn(*batch, n_features, d, generator=generator, dtype=torch.float64).norm(dim=-1,
+                                                                                                     keepdim=True)
+    if scaling == "sqrt_d":
+        return W * math.sqrt(d)
+    if scaling == "none":
+        return W
+    raise ValueError(f"scaling must be 'chi', 'sqrt_d' or 'none', not {scaling!r}")
+
+
+def positive_random_features(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """FAVOR+'s positive features phi(x) = exp(W x - |x|^2 / 2) / sqrt(m), in float64: x (..., d), W (m, d) or a
+    batch of them (N, m, d) against x (d,) -> (..., m). E[phi(q) . phi(k)] = exp(q^T k) when each row of W is
+    N(0, I_d); no 1/d^(1/4) prescaling (Performer's code scales q and k by it to reach exp(q^T k / sqrt(d))), no
+    max-subtraction and no epsilon."""
+    x, W = x.double(), W.double()
+    return torch.exp(x @ W.transpose(-1, -2) - (x * x).sum(-1, keepdim=True) / 2) / math.sqrt(W.shape[-2])
+
+
+def favor_kernel_estimates(q: torch.Tensor, k: torch.Tensor, n_features: int, n_draws: int, seed: int,
+                           scaling: str = "chi", sign_correction: bool = True) -> tuple[torch.Tensor, float]:
+    """For one q and one k (d,), ``n_draws`` independent FAVOR+ estimates phi(q) . phi(k), each with its own
+    :func:`orthogonal_gaussian` matrix (seeded), and the exact exp(q^T k). Their mean is unbiased for exp(q^T k)
+    with "chi" scaling and the sign correction; each estimate's relative variance is at most exp(|q + k|^2) - 1
+    (the i.i.d. bound; orthogonal rows lower it), so keep |q + k| near 1 or below and judge the mean by its standard
+    error ``estimates.std() / sqrt(n_draws)``."""
+    W = orthogonal_gaussian(n_features, q.shape[-1], torch.Generator().manual_seed(seed), scaling, sign_correction,
+                            n_draws)
+    q, k = q.double(), k.double()
+    estimates = (positive_random_features(q, W) * positive_random_features(k, W)).sum(-1)
+    return estimates, math.exp(float(q @ k))
+
+
+class StartRecentCache:
+    """StreamingLLM's ``StartRecentKVCache(start_size=n_sink, recent_size=window)`` as a plain list of tokens:
+    ``append(k, v)`` adds t tokens ((B, H, t, d) each) and then, if more than n_sink + window are held, keeps the
+    first n_sink and the last window (their ``__call__``, applied after every step of ``eval_long_ppl.py``).
+    ``keys_values()`` gives the held keys and values (B, H, n, d) in order, ``token_positions()`` the original
+    index of each held token, and ``cache_positions()`` the positions StreamingLLM's attention gives them: 0 .. n-1,
+    their places in the cache (the keys are stored without RoPE and rotated by these at every step)."""
+
+    def __init__(self, n_sink: int, window: int):
+        self.n_sink, self.window = n_sink, window
+        self.tokens: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (original index, k (B, H, d), v)
+        self.seen = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        for t in range(k.shape[-2]):
+            self.tokens.append((self.seen, k[..., t, :], v[..., t, :]))
+            self.seen += 1
+        n = len(self.tokens)
+        if n > self.n_sink + self.window:
+            self.tokens = self.tokens[:self.n_sink] + self.tokens[n - self.window:]
+
+    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.stack([k for _, k, _ in self.tokens], dim=-2),
+                torch.stack([v for _, _, v in self.tokens], dim=-2))
+
+    def token_positions(self) -> list[int]:
+        return [i for i, _, _ in self.tokens]
+
+    def cache_positions(self) -> list[int]:
+        return list(range(len(self.tokens)))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def streaming_cache_reference(n_sink: int, window: int) -> StartRecentCache:
+    """An empty :class:`StartRecentCache`: n_sink attention sinks and the window most recent tokens."""
+    return StartRecentCache(n_sink, window)
+
+
+def strided_masks(T: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Child et al.'s strided pattern as their released code builds it (``get_attn_mask`` of openai/sparse_attention),
+    two (T, T) bool masks: "local", the ``stride`` keys i - stride < j <= i (``matrix_band_part(ones, stride - 1,
+    0)``; the paper's {max(0, i - l), ..., i} would hold one more), and "strided", j <= i with (i - j) % stride == 0."""
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    return (j <= i) & (j > i - stride), (j <= i) & ((i - j) % stride == 0)
+
+
+def fixed_mask(T: int, block: int, c: int) -> torch.Tensor:
+    """Child et al.'s fixed pattern, one head holding both parts, causal: j <= i and (j in i's block of ``block``
+    tokens, floor(j / block) == floor(i / block), or j one of the last c tokens of its block, j % block >= block - c).
+    (The paper writes j mod l in {t, ..., l} with t = l - c; l itself is no residue, so c summary tokens a block.)"""
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    return (j <= i) & ((j // block == i // block) | (j % block >= block - c))
+
+
+def bigbird_block_layout(random_blocks: torch.Tensor) -> torch.Tensor:
+    """(n, n) bool block layout of BigBird-ITC as transformers' ``BigBirdBlockSparseAttention`` computes it, for
+    n = len(random_blocks) + 2 blocks: query blocks 0 and n - 1 are global (they see every block) and every query
+    block sees key blocks 0 and n - 1; query block i in 1 .. n - 2 also sees its window i - 1, i, i + 1 and the
+    blocks ``random_blocks[i - 1]`` (n - 2, r) (HF's ``rand_attn`` for one head; all 0 in eval mode)."""
+    n = random_blocks.shape[0] + 2
+    layout = torch.zeros(n, n, dtype=torch.bool)
+    layout[[0, -1], :] = True
+    layout[:, [0, -1]] = True
+    for i in range(1, n - 1):
+        layout[i, i - 1:i + 2] = True
+        layout[i, random_blocks[i - 1].long()] = True
+    return layout

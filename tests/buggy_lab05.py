@@ -409,42 +409,11 @@ def ep_drops_last_rank(ns):
     return run_with(ns, worker), ns["SparseMoE"]
 
 
-def ep_modulo_ranks(ns):
-    def worker(rank, world_size, port, moe, x, y):
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-        E, k, D = moe.n_experts, moe.k, x.shape[-1]
-        per_rank = E // world_size
-        mine = torch.tensor_split(torch.arange(x.shape[0] * x.shape[1]), world_size)[rank]
-        tokens = x.reshape(-1, D)[mine]
-        with torch.no_grad():
-            _, weights, indices = moe.router(tokens)
-            expert = indices.flatten()
-            order = (expert % world_size).argsort(stable=True)  # BUG: expert e sent to rank e % world_size
-            send_counts = torch.bincount(expert % world_size, minlength=world_size)
-            recv_counts = torch.empty_like(send_counts)
-            dist.all_to_all_single(recv_counts, send_counts)
-            send, recv = send_counts.tolist(), recv_counts.tolist()
-            got_x = tokens.new_empty(sum(recv), D)
-            dist.all_to_all_single(got_x, tokens[order // k], recv, send)
-            got_e = expert.new_empty(sum(recv))
-            dist.all_to_all_single(got_e, expert[order], recv, send)
-            out = torch.zeros_like(got_x)
-            for e in range(rank * per_rank, (rank + 1) * per_rank):  # ranks hold contiguous blocks of experts
-                rows = (got_e == e).nonzero().squeeze(1)
-                out[rows] = ns["expert_ffn"](got_x[rows], moe.gate_up_proj[e], moe.down_proj[e])
-            back = torch.empty(sum(send), D)
-            dist.all_to_all_single(back, out, send, recv)
-            mixed = torch.zeros_like(tokens).index_add_(0, order // k, back * weights.flatten()[order, None])
-            y.view(-1, D)[mine] = mixed
-        dist.destroy_process_group()
-    return run_with(ns, worker), ns["SparseMoE"]
-
-
-def ep_worker_with(ns, local=False, every_token=False, ignored=False, swapped=False):
+def ep_worker_with(ns, local=False, every_token=False, ignored=False, swapped=False, modulo=False):
     """The solution's worker, or one with a bug: ``local`` (no exchange: every expert run where the token is),
     ``every_token`` (every rank routes all the tokens), ``ignored`` (the exchange made, its results thrown away for a
-    local computation), ``swapped`` (the split sizes of the way back swapped)."""
+    local computation), ``swapped`` (the split sizes of the way back swapped), ``modulo`` (expert e sent to rank
+    e % world_size, while the ranks hold contiguous blocks of experts)."""
     def worker(rank, world_size, port, moe, x, y):
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
@@ -459,8 +428,9 @@ def ep_worker_with(ns, local=False, every_token=False, ignored=False, swapped=Fa
                 y.view(-1, D)[mine] = moe.experts(tokens, weights, indices)  # BUG (local): nothing exchanged
             else:
                 expert = indices.flatten()
-                order = expert.argsort(stable=True)
-                send_counts = torch.bincount(expert // per_rank, minlength=world_size)
+                rank_of = expert % world_size if modulo else expert // per_rank  # BUG (modulo)
+                order = rank_of.argsort(stable=True)
+                send_counts = torch.bincount(rank_of, minlength=world_size)
                 recv_counts = torch.empty_like(send_counts)
                 dist.all_to_all_single(recv_counts, send_counts)
                 send, recv = send_counts.tolist(), recv_counts.tolist()
@@ -478,6 +448,10 @@ def ep_worker_with(ns, local=False, every_token=False, ignored=False, swapped=Fa
                 y.view(-1, D)[mine] = moe.experts(tokens, weights, indices) if ignored else mixed  # BUG (ignored)
         dist.destroy_process_group()
     return run_with(ns, worker), ns["SparseMoE"]
+
+
+def ep_modulo_ranks(ns):
+    return ep_worker_with(ns, modulo=True)
 
 
 def ep_no_exchange(ns):

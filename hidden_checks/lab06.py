@@ -36,9 +36,9 @@ recurrent_edge = linear_attention_recurrent.variant(
     "06.hidden.linear_attention_recurrent_edge",
     lambda seed: linear_inputs(seed, recurrent=True, B=1, H=3, T=9, d=4, edge=True), ("linear_attention_recurrent",))
 
-# d = 2 and d = 16, a single row, exactly one block; no statistics
+# d = 2 and d = 16, a single row, exactly one block, three blocks; no statistics
 projection_edge = orthogonal_projection.variant("06.hidden.orthogonal_projection_edge", lambda seed: projection_inputs(
-    seed, shapes=((5, 2), (1, 16), (16, 16), (33, 16)), draws=None), ("orthogonal_projection",))
+    seed, shapes=((5, 2), (1, 16), (16, 16), (33, 16), (48, 16)), draws=None), ("orthogonal_projection",))
 
 # no sinks; appends longer than the window (and than the whole cache); a cache of sinks and one recent token
 streaming_edge = streaming_cache.variant("06.hidden.streaming_cache_edge", lambda seed: streaming_inputs(

@@ -81,6 +81,24 @@ def bigbird_global_rng(ns):
     return bigbird_with(ns, global_rng=True)
 
 
+def bigbird_seeds_global_rng(ns):
+    def bigbird_mask(T, block, n_random, n_global, seed):
+        torch.manual_seed(seed)  # BUG: reseeds PyTorch's global generator (then draws from it)
+        return bigbird_with(ns, global_rng=True)(T, block, n_random, n_global, seed)
+    return bigbird_mask
+
+
+def bigbird_one_permutation(ns):
+    def bigbird_mask(T, block, n_random, n_global, seed):
+        n = T // block
+        layout = bigbird_with(ns)(T, block, 0, n_global, seed)[::block, ::block].clone()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()  # BUG: one draw for all
+        for b in range(n_global, n):
+            layout[b, [c for c in order if not layout[b, c]][:n_random]] = True
+        return layout.repeat_interleave(block, 0).repeat_interleave(block, 1)
+    return bigbird_mask
+
+
 def bigbird_no_window(ns):
     return bigbird_with(ns, window=False)
 
@@ -170,6 +188,32 @@ def swa_dense_scores(ns):
     return sliding_window_attention
 
 
+def swa_all_earlier_keys(ns):
+    def sliding_window_attention(q, k, v, window):
+        T, d = q.shape[-2], q.shape[-1]
+        outputs = []
+        for start in range(0, T, window):
+            end = min(start + window, T)
+            scores = q[..., start:end, :] @ k[..., :end, :].transpose(-2, -1) / math.sqrt(d)  # BUG: keys [0, end)
+            i, j = torch.arange(start, end)[:, None], torch.arange(end)[None, :]
+            scores = scores.masked_fill(~((j <= i) & (j > i - window)), float("-inf"))
+            outputs.append(scores.softmax(-1) @ v[..., :end, :])
+        return torch.cat(outputs, dim=-2)
+    return sliding_window_attention
+
+
+def swa_per_query_all_keys(ns):
+    def sliding_window_attention(q, k, v, window):
+        T, d = q.shape[-2], q.shape[-1]
+        out = torch.empty_like(q)
+        for i in range(T):  # BUG: each query against every earlier key, masked to its window: O(T^2) work
+            scores = q[..., i:i + 1, :] @ k[..., :i + 1, :].transpose(-2, -1) / math.sqrt(d)
+            scores = scores.masked_fill(torch.arange(i + 1) <= i - window, float("-inf"))
+            out[..., i:i + 1, :] = scores.softmax(-1) @ v[..., :i + 1, :]
+        return out
+    return sliding_window_attention
+
+
 def swa_calls_sdpa(ns):
     def sliding_window_attention(q, k, v, window):
         i, j = positions(q.shape[-2])
@@ -221,6 +265,15 @@ def linear_ignores_feature_map(ns):
     return lambda q, k, v, causal=True, feature_map=None: ns["linear_attention"](q, k, v, causal)  # BUG
 
 
+def linear_quadratic(ns):
+    def linear_attention(q, k, v, causal=True, feature_map=ns["elu_plus_one"]):
+        A = feature_map(q) @ feature_map(k).transpose(-1, -2)  # BUG: the (T, T) matrix, no prefix sums
+        if causal:
+            A = A.tril()
+        return A @ v / A.sum(-1, keepdim=True)
+    return linear_attention
+
+
 def linear_calls_sdpa(ns):
     def linear_attention(q, k, v, causal=True, feature_map=ns["elu_plus_one"]):
         F.scaled_dot_product_attention(q, k, v)  # BUG: a forbidden built-in, even if unused
@@ -247,6 +300,30 @@ def recurrent_with(ns, read_first=False, no_normaliser=False):
     return linear_attention_recurrent
 
 
+def recurrent_calls_parallel(ns):
+    return lambda q, k, v, feature_map=ns["elu_plus_one"]: ns["linear_attention"](q, k, v, True, feature_map)  # BUG
+
+
+def recurrent_quadratic(ns):
+    return lambda q, k, v, feature_map=ns["elu_plus_one"]: linear_quadratic(ns)(q, k, v, True, feature_map)  # BUG
+
+
+def recurrent_every_state(ns):
+    def linear_attention_recurrent(q, k, v, feature_map=ns["elu_plus_one"]):
+        phi_q, phi_k = feature_map(q), feature_map(k)
+        T = q.shape[-2]
+        S = q.new_zeros(*q.shape[:-2], T, q.shape[-1], v.shape[-1])  # BUG: a state per position, (T, d, d_v)
+        z = q.new_zeros(*q.shape[:-2], T, q.shape[-1])
+        outs = []
+        for t in range(T):
+            S[..., t, :, :] = (S[..., t - 1, :, :] if t else 0) + phi_k[..., t, :, None] * v[..., t, None, :]
+            z[..., t, :] = (z[..., t - 1, :] if t else 0) + phi_k[..., t, :]
+            num = (phi_q[..., t, None, :] @ S[..., t, :, :]).squeeze(-2)
+            outs.append(num / (phi_q[..., t, :] * z[..., t, :]).sum(-1, keepdim=True))
+        return torch.stack(outs, dim=-2)
+    return linear_attention_recurrent
+
+
 def recurrent_reads_before_update(ns):
     return recurrent_with(ns, read_first=True)
 
@@ -256,11 +333,16 @@ def recurrent_no_normaliser(ns):
 
 
 # ---------------------------------------------------------------- Performer
-def projection_with(ns, sign=True, scaling="chi", orthogonal=True):
+def projection_with(ns, sign=True, scaling="chi", orthogonal=True, reseed_blocks=False, reseed_norms=False,
+                    global_rng=False):
     def orthogonal_projection(n_features, d, seed):
         g = torch.Generator().manual_seed(seed)
+        if global_rng:
+            torch.manual_seed(seed)  # BUG: reseeds PyTorch's global generator
         blocks = []
         for _ in range(-(-n_features // d)):
+            if reseed_blocks:
+                g = torch.Generator().manual_seed(seed)  # BUG: every block the same Gaussian matrix
             G = torch.randn(d, d, generator=g)
             if not orthogonal:
                 blocks.append(G)  # BUG: plain Gaussian rows, not orthogonal
@@ -273,6 +355,8 @@ def projection_with(ns, sign=True, scaling="chi", orthogonal=True):
         if not orthogonal:
             return W
         if scaling == "chi":
+            if reseed_norms:
+                g = torch.Generator().manual_seed(seed)  # BUG: the lengths are those of the first Gaussian's rows
             return W * torch.randn(n_features, d, generator=g).norm(dim=-1, keepdim=True)
         return W * (math.sqrt(d) if scaling == "sqrt_d" else 1.0)  # BUG: a fixed length
     return orthogonal_projection
@@ -292,6 +376,25 @@ def projection_sqrt_d_rows(ns):
 
 def projection_plain_gaussian(ns):
     return projection_with(ns, orthogonal=False)
+
+
+def projection_same_blocks(ns):
+    return projection_with(ns, reseed_blocks=True)
+
+
+def projection_reseeded_norms(ns):
+    return projection_with(ns, reseed_norms=True)
+
+
+def projection_seeds_global_rng(ns):
+    return projection_with(ns, global_rng=True)
+
+
+def projection_cut_at_the_front(ns):
+    def orthogonal_projection(n_features, d, seed):
+        W = ns["orthogonal_projection"](-(-n_features // d) * d, d, seed)[-n_features:]  # valid: the short block first
+        return W * 2.0  # BUG: every row twice too long (chi lengths times 2)
+    return orthogonal_projection
 
 
 def projection_global_rng(ns):
@@ -315,6 +418,16 @@ def performer_no_sqrt_m(ns):
 
 def performer_unit_projection(ns):
     return ns["performer_features"], projection_with(ns, scaling="none")
+
+
+def performer_float64_projection(ns):
+    return ns["performer_features"], lambda m, d, seed: ns["orthogonal_projection"](m, d, seed).double()  # BUG
+
+
+def performer_float64_features(ns):
+    def performer_features(x, projection):
+        return ns["performer_features"](x.double(), projection.double())  # float64 features: fine
+    return performer_features, projection_with(ns, scaling="none")  # BUG: unit rows
 
 
 # ---------------------------------------------------------------- StreamingLLM's cache
@@ -359,6 +472,30 @@ def cache_growing_list(ns):
     return StreamingKVCache
 
 
+def cache_compacts_at_twice(ns):
+    class StreamingKVCache(ns["StreamingKVCache"]):
+        def append(self, k, v):
+            self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
+            self.v = v if self.v is None else torch.cat([self.v, v], dim=-2)
+            if self.k.shape[-2] > 2 * (self.n_sink + self.window):  # BUG: evicted tokens pile up until then
+                keep = lambda x: torch.cat([x[..., :self.n_sink, :], x[..., -self.window:, :]], dim=-2)
+                self.k, self.v = keep(self.k), keep(self.v)
+
+        def keys_values(self):
+            n, s, w = self.k.shape[-2], self.n_sink, self.window
+            keep = lambda x: x if n <= s + w else torch.cat([x[..., :s, :], x[..., n - w:, :]], dim=-2)
+            return keep(self.k), keep(self.v)
+    return StreamingKVCache
+
+
+def cache_rotates_keys(ns):
+    class StreamingKVCache(ns["StreamingKVCache"]):
+        def keys_values(self):
+            k, v = super().keys_values()
+            return torch.stack([-k[..., 1::2], k[..., ::2]], dim=-1).flatten(-2), v  # BUG: pairs rotated, RoPE-like
+    return StreamingKVCache
+
+
 def cache_views_of_history(ns):
     class StreamingKVCache(ns["StreamingKVCache"]):
         def append(self, k, v):
@@ -392,6 +529,12 @@ BUGS = {
     "06.bigbird_mask": [
         (bigbird_global_rng, r"bigbird_mask\(64, block=4, n_random=2, n_global=1, seed=\d+\), called twice .* the two "
                              r"masks differ\. .*torch.Generator\(\)\.manual_seed\(seed\)"),
+        (bigbird_seeds_global_rng, r"bigbird_mask: your function changed PyTorch's global random state "
+                                   r"\(torch.manual_seed or a draw without generator=\): draw from "
+                                   r"torch.Generator\(\)\.manual_seed\(seed\)"),
+        (bigbird_one_permutation, r"bigbird_mask\(48, block=2, n_random=3, n_global=2, seed=\d+\): the random key "
+                                  r"blocks of the 22 non-global query blocks fall in only \d of the 22 non-global key "
+                                  r"blocks.*not one permutation shared by every query block"),
         (bigbird_no_window, r"bigbird_mask\(32, block=4, n_random=0, n_global=0, seed=\d+\): query 0 does not see key "
                             r"0 \(query block 0, key block 0\): .*there is no window"),
         (bigbird_random_anywhere, r"bigbird_mask\(64, block=4, n_random=2, n_global=1, seed=\d+\): query block \d+ "
@@ -417,6 +560,10 @@ BUGS = {
         (swa_dense_mask, r"\(1, 1, 8192, 32\), window 256: the tensors it creates take \d+\.\d MiB at their peak, "
                          r"at least 1/8 of the 512 MiB that dense attention's T x T float32 scores and softmax weights"),
         (swa_dense_scores, r"window 256: the tensors it creates take \d+\.\d MiB"),
+        (swa_all_earlier_keys, r"\(1, 1, 8192, 32\), window 256: the tensors it creates add up to \d+ MiB in all "
+                               r"\(freed or not\), at least the 256 MiB of one T x T float32 matrix.*scored only "
+                               r"against the 2 window - 1 keys it can see, \[start - window \+ 1, end\)"),
+        (swa_per_query_all_keys, r"window 256: the tensors it creates add up to \d+ MiB in all"),
         (swa_calls_sdpa, r"your code calls F.scaled_dot_product_attention; this exercise asks you to write it"),
     ],
     "06.linear_attention": [
@@ -432,19 +579,34 @@ BUGS = {
         (linear_ignores_feature_map, r"with feature_map=F.softplus .*: max \|difference\|.*the feature_map argument is "
                                      r"ignored"),
         (linear_calls_sdpa, r"your code calls F.scaled_dot_product_attention"),
+        (linear_quadratic, r"linear_attention on \(1, 1, 2048, 8\): the tensors it creates take \d+\.\d MiB at their "
+                           r"peak, at least a quarter of the 16 MiB of one T x T float32 matrix: it builds a T x T "
+                           r"matrix .*torch.cumsum"),
     ],
     "06.linear_attention_recurrent": [
         (recurrent_reads_before_update, r"linear_attention_recurrent .*: output t sums over the keys j < t, without "
                                         r"the current one"),
         (recurrent_no_normaliser, r"linear_attention_recurrent .*: max \|difference\|.*the normaliser is missing"),
+        (recurrent_calls_parallel, r"linear_attention_recurrent on \(1, 1, 2048, 32\): keeps \d+\.\d MiB at its peak, "
+                                   r"at least half the 8 MiB .*: an RNN keeps one \(d, d_v\) state and updates it in "
+                                   r"place of the prefix sums"),
+        (recurrent_quadratic, r"on \(1, 1, 2048, 32\): keeps \d+\.\d MiB at its peak.*an RNN keeps one"),
+        (recurrent_every_state, r"on \(1, 1, 2048, 32\): keeps \d+\.\d MiB at its peak.*an RNN keeps one"),
     ],
     "06.orthogonal_projection": [
-        (projection_no_sign_correction, r"seed = 0 to 1999: the mean of the 2000 FAVOR\+ estimates .* standard errors "
+        (projection_no_sign_correction, r"seed = 0 to 7999: the mean of the 8000 FAVOR\+ estimates .* standard errors "
                                         r"away \(4 pass\).*The first row's first coordinate is negative in 100% of the "
                                         r"draws.*sign of R\[i, i\]"),
-        (projection_unit_rows, r"seed = 0 to 1999: the squared lengths of the 8000 rows have mean 1 and variance "
+        (projection_unit_rows, r"seed = 0 to 7999: the squared lengths of the 32000 rows have mean 1 and variance "
                                r"[0-9.e-]+, where rows marginally N\(0, I_4\) give 4 and 8"),
-        (projection_sqrt_d_rows, r"the squared lengths of the 8000 rows have mean 4 and variance [0-9.e-]+, where"),
+        (projection_sqrt_d_rows, r"the squared lengths of the 32000 rows have mean 4 and variance [0-9.e-]+, where"),
+        (projection_reseeded_norms, r"seed = 0 to 7999: the mean of the 8000 FAVOR\+ estimates .* is [0-9.]+, while "
+                                    r"exp\(q \. k\) = 1\.2840: [4-9]\.\d standard errors away"),
+        (projection_same_blocks, r"orthogonal_projection\(24, 8, seed=\d+\): rows \d and \d+ have cosine 1\.0000: "
+                                 r"blocks 0 and 1 are the same directions: draw a new Gaussian matrix for each block "
+                                 r"from the one generator"),
+        (projection_seeds_global_rng, r"orthogonal_projection: your function changed PyTorch's global random state"),
+        (projection_cut_at_the_front, r"seed = 0 to 7999: the squared lengths of the 32000 rows have mean 16"),
         (projection_plain_gaussian, r"orthogonal_projection\(10, 4, seed=\d+\): rows \d and \d, in the block of rows 0 "
                                     r"to 3, have cosine -?0\.\d+: the rows of each block of d = 4 must be orthogonal"),
         (projection_global_rng, r"orthogonal_projection\(10, 4, seed=\d+\), called twice, returned two different "
@@ -455,6 +617,10 @@ BUGS = {
                                  r"\|difference\|.*the -\|x\|\^2 / 2 term is missing"),
         (performer_no_sqrt_m, r"max \|difference\|.*the 1/sqrt\(m\) factor is missing"),
         (performer_unit_projection, r"Performer attention .*against softmax attention: mean \|error\| .*must fall as"),
+        (performer_float64_projection, r"Performer attention with performer_features and orthogonal_projection\(16, "
+                                       r"16, seed=\d+\), .* raised RuntimeError: .*\. orthogonal_projection returns "
+                                       r"torch.float64, and q and k are torch.float32"),
+        (performer_float64_features, r"Performer attention .*against softmax attention: mean \|error\| .*must fall as"),
     ],
     "06.streaming_cache": [
         (cache_drops_sinks, r"StreamingKVCache\(n_sink=2, window=3\), after append 6 \(1 token; 6 tokens so far\): "
@@ -462,9 +628,15 @@ BUGS = {
                             r"sinks are dropped"),
         (cache_window_minus_one, r"after append 6 .*: \[0, 1, 4, 5\], expected \[0, 1, 3, 4, 5\]\. the window holds 2 "
                                  r"tokens, one too few"),
-        (cache_growing_list, r"StreamingKVCache\(n_sink=4, window=16\), appending 10000 tokens one at a time .*: "
-                             r"after \d+ appends the tensors reachable from the cache object take [\d,]+ bytes of "
-                             r"storage, more than the 672 bytes"),
-        (cache_views_of_history, r"after \d+ appends the tensors reachable from the cache object take [\d,]+ bytes"),
+        (cache_growing_list, r"StreamingKVCache\(n_sink=4, window=16\), appending 10000 tokens one at a time .*: the "
+                             r"cache grows: after \d+ appends the tensors reachable from it take [\d,]+ bytes, more "
+                             r"than 3 times the 672 bytes .*evict on every append; do not keep the whole history"),
+        (cache_views_of_history, r"the cache grows: after \d+ appends the tensors reachable from it take [\d,]+ bytes"),
+        (cache_compacts_at_twice, r"appending 10000 tokens one at a time .*: after \d+ appends the tensors reachable "
+                                  r"from the cache still hold token \d+ \(its key or value\), which append \d+ "
+                                  r"evicted"),
+        (cache_rotates_keys, r"after append 1 .*: keys_values\(\) holds the tokens: \[-1\], expected \[0\]\. -1 stands "
+                             r"for a key that is none of the appended ones: return the keys and values as they were "
+                             r"appended, unrotated and unchanged"),
     ],
 }

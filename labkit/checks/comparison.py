@@ -28,7 +28,7 @@ def as_tensor(what: str, value, shape: tuple | None = None) -> torch.Tensor:
         raise AssertionError(f"{what}: expected a tensor, got {type(value).__name__}")
     if shape is not None and tuple(value.shape) != tuple(shape):
         raise AssertionError(f"{what}: shape {tuple(value.shape)}, expected {tuple(shape)}")
-    return value.detach().double()
+    return value.detach().cpu().double()
 
 
 def close(got, want, atol: float = 1e-5) -> bool:
@@ -57,7 +57,7 @@ def _tensor_problem(got, want: torch.Tensor, atol: float) -> str:
         return f"expected a tensor, got {type(got).__name__}"
     if got.shape != want.shape:
         return f"shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-    got, want = got.detach().double(), want.detach().double()
+    got, want = got.detach().cpu().double(), want.detach().cpu().double()
     if not torch.isfinite(got).all():
         bad = tuple(torch.nonzero(~torch.isfinite(got))[0].tolist())
         return f"non-finite value {got[bad].item()} at index {bad}"

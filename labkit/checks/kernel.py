@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 from labkit.memory import PeakTensorMemory
 
-__all__ = ["ConcatCache", "FixedLogits", "PeakTensorMemory", "attempt", "build", "forbidding", "load_state",
+__all__ = ["ConcatCache", "FixedLogits", "PackageCalls", "PeakTensorMemory", "attempt", "build", "forbidding", "load_state",
            "load_weights", "run_cases"]
 RAISED = "raised"  # the key of an attempt that raised: {"raised": "TypeError: ..."}
 
@@ -123,6 +123,33 @@ def forbidding(names: tuple[str, ...]):
         yield
     if guard.violation:
         raise ForbiddenBuiltinError(guard.violation)
+
+
+class PackageCalls:
+    """Records which of ``packages`` (top-level names, such as ``"faiss"``) the code run inside the block calls
+    into: a profile hook sees every call of Python code on this thread. ``called`` is the sorted list. It is how
+    a check forbids a library that its reference uses (rank_bm25, faiss, sentence-transformers), which the
+    torch-function guard of :func:`forbidding` cannot see."""
+
+    def __init__(self, packages: list[str]):
+        self.packages, self.seen = set(packages), set()
+
+    def _watch(self, frame, event, arg) -> None:
+        package = (frame.f_globals.get("__name__") or "").split(".")[0]
+        if event == "call" and package in self.packages:
+            self.seen.add(package)
+
+    def __enter__(self) -> "PackageCalls":
+        self.previous = sys.getprofile()
+        sys.setprofile(self._watch)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.setprofile(self.previous)
+
+    @property
+    def called(self) -> list[str]:
+        return sorted(self.seen)
 
 
 # ---------------------------------------------------------------- declarative case tables

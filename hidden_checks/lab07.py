@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 from labkit.checks import seeded_generator
-from labkit.checks.lab07 import (FAR, bm25, bm25_case, cca_inputs, chunked_cross_attention, dense_index, dense_inputs,
-                                 embed, embed_inputs, in_batch_inputs, in_batch_negatives, knn_inputs, knn_lm, words)
+from labkit.checks.lab07 import (ALIGNED, FAR, bm25, bm25_case, cca_inputs, chunked_cross_attention, dense_index,
+                                 dense_inputs, embed, embed_inputs, in_batch_inputs, in_batch_negatives, knn_inputs,
+                                 knn_lm, words)
 
 
 def bm25_edge_inputs(seed: int) -> dict:
     """A single document (every idf negative, and so is epsilon * average_idf); a vocabulary of mostly common terms
-    (a negative average_idf) with an empty document; an empty query; b = 0 and b = 1."""
+    (a negative average_idf) with an empty document, at b = 0 and at b = 0.75 (its length 0 counts in avgdl); an
+    empty query; b = 1 (without the empty document, whose k1 (1 - b + b 0 / avgdl) would be 0)."""
     common = [["to", "be", "or"], ["to", "be", "not"], ["to", "be", "to", "be", "question"], [], ["or", "be", "to"]]
     return {"forbidden": ["rank_bm25"], "cases": [
         bm25_case([["the", "king", "the"]], [["the", "king", "queen"], [], ["king", "king"]]),
         bm25_case(common, [["to", "be", "question"], ["or", "not", "not"], []], 1.2, 0.0, 0.5),
+        bm25_case(common, [["to", "be", "question"], ["not", "or"]], 1.5, 0.75, 0.25),
         bm25_case(common[:3] + common[4:], [["be", "question", "or"]], 0.8, 1.0, 1.0)]}
 
 
@@ -37,10 +40,11 @@ def embed_edge_inputs(seed: int) -> dict:
 
 embed_edge = embed.variant("07.hidden.embed_edge", embed_edge_inputs, ("embed",))
 
-# a single query and passage (the loss is 0); scores q . p / t up to 100, where exp overflows float32; a temperature
-# above 1 with hard negatives
+# a single query and passage (the loss is 0); unit rows at t = 0.01 (scores q . p / t up to about 60), and with
+# q[0] = p[0] (a score of 100, where exp overflows float32); a temperature above 1 with hard negatives
 in_batch_edge = in_batch_negatives.variant("07.hidden.in_batch_negatives_edge", lambda seed: in_batch_inputs(
-    seed, [(1, 1, 4, 1.0, ""), (8, 8, 16, 0.01, "unit rows"), (2, 5, 3, 2.0, "")]), ("in_batch_negatives_loss",))
+    seed, [(1, 1, 4, 1.0, ""), (8, 8, 16, 0.01, "unit rows"), (8, 8, 16, 0.01, ALIGNED), (2, 5, 3, 2.0, "")]),
+    ("in_batch_negatives_loss",))
 
 # heads of one dimension; chunks of one token (token i sees chunk i); T = 2 m - 1; T = m - 1 (nothing attends); B = 3
 cca_edge = chunked_cross_attention.variant("07.hidden.chunked_cross_attention_edge", lambda seed: cca_inputs(

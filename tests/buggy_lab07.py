@@ -13,13 +13,14 @@ import torch.nn.functional as F
 
 # ---------------------------------------------------------------- BM25
 def bm25_with(ns, b_used=True, lucene=False, floor="negative", average="raw", repeats=True, distinct_length=False,
-              saturation=True):
+              saturation=True, avgdl_nonempty=False):
     class BM25:
         def __init__(self, corpus_tokens, k1=1.5, b=0.75, epsilon=0.25):
             self.k1, self.b = k1, b if b_used else 0.0  # BUG (b_used=False): no length normalisation
             lengths = [len(set(doc)) if distinct_length else len(doc) for doc in corpus_tokens]  # BUG: distinct terms
             self.doc_len = torch.tensor(lengths, dtype=torch.float64)
-            self.avgdl = self.doc_len.mean()
+            # BUG (avgdl_nonempty): the empty documents left out of the mean length
+            self.avgdl = self.doc_len[self.doc_len > 0].mean() if avgdl_nonempty else self.doc_len.mean()
             self.tf = [Counter(doc) for doc in corpus_tokens]
             df = Counter(t for c in self.tf for t in c)
             N = len(corpus_tokens)
@@ -79,6 +80,10 @@ def bm25_no_k1_plus_one(ns):
     return bm25_with(ns, saturation=False)
 
 
+def bm25_avgdl_nonempty(ns):
+    return bm25_with(ns, avgdl_nonempty=True)
+
+
 def bm25_calls_rank_bm25(ns):
     from rank_bm25 import BM25Okapi
 
@@ -93,10 +98,11 @@ def bm25_calls_rank_bm25(ns):
 
 # ---------------------------------------------------------------- exact search
 def dense_with(ns, sqrt=False, topk=False, higher_ids=False, last_only=False, local_ids=False, new_first=False,
-               whole=False, no_q_norm=False, l2_descending=False):
+               whole=False, whole_ip=False, no_q_norm=False, l2_descending=False, returns=lambda s, i: (s, i)):
     class DenseIndex:
         def __init__(self, embeddings, metric="ip", chunk=4096):
-            self.x, self.metric, self.chunk = embeddings.float(), metric, len(embeddings) if whole else chunk
+            self.x, self.metric = embeddings.float(), metric
+            self.chunk = len(embeddings) if whole or (whole_ip and metric == "ip") else chunk  # BUG: no chunks
 
         def search(self, queries, k):
             q, largest = queries.float(), self.metric == "ip" or l2_descending  # BUG: the largest distances
@@ -124,7 +130,7 @@ def dense_with(ns, sqrt=False, topk=False, higher_ids=False, last_only=False, lo
                 else:
                     order = s.sort(dim=1, descending=largest, stable=True).indices[:, :k]
                 best_s, best_i = s.gather(1, order), i.gather(1, order)
-            return best_s, best_i
+            return returns(best_s, best_i)  # BUG (returns): the wrong types, or order
     return DenseIndex
 
 
@@ -158,6 +164,26 @@ def dense_no_q_norm(ns):
 
 def dense_whole_matrix(ns):
     return dense_with(ns, whole=True)
+
+
+def dense_ip_whole_matrix(ns):
+    return dense_with(ns, whole_ip=True)  # BUG: only 'l2' is chunked
+
+
+def dense_float_ids(ns):
+    return dense_with(ns, returns=lambda s, i: (s, i.float()))  # BUG: float ids
+
+
+def dense_int32_ids(ns):
+    return dense_with(ns, returns=lambda s, i: (s, i.int()))  # BUG: int32 ids
+
+
+def dense_numpy(ns):
+    return dense_with(ns, returns=lambda s, i: (s.numpy(), i.numpy()))  # BUG: NumPy arrays
+
+
+def dense_swapped(ns):
+    return dense_with(ns, returns=lambda s, i: (i, s))  # BUG: (ids, scores)
 
 
 def dense_descending_l2(ns):
@@ -304,6 +330,13 @@ def in_batch_cosine(ns):
     return in_batch_negatives_loss
 
 
+def in_batch_naive_softmax(ns):
+    def in_batch_negatives_loss(q, p, temperature=1.0):
+        S = (q @ p.T / temperature).exp()  # BUG: no subtraction of the largest score: exp(100) = inf in float32
+        return -(S.diagonal() / S.sum(1)).log().mean()
+    return in_batch_negatives_loss
+
+
 def in_batch_detached(ns):
     def in_batch_negatives_loss(q, p, temperature=1.0):
         return torch.tensor(ns["in_batch_negatives_loss"](q, p, temperature).item())  # BUG: no gradient
@@ -311,7 +344,8 @@ def in_batch_detached(ns):
 
 
 # ---------------------------------------------------------------- chunked cross-attention
-def cca_with(ns, chunk_of=lambda i, m: (i + 1) // m - 1, residual=True, scale=True, calls_sdpa=False):
+def cca_with(ns, chunk_of=lambda i, m: (i + 1) // m - 1, residual=True, scale=True, calls_sdpa=False, in_place=False,
+             all_earlier=False):
     """Chunked cross-attention as a loop over positions: token i attends to chunk chunk_of(i, m)."""
     Solution = ns["ChunkedCrossAttention"]
 
@@ -319,12 +353,13 @@ def cca_with(ns, chunk_of=lambda i, m: (i + 1) // m - 1, residual=True, scale=Tr
         def forward(self, h, neighbours):
             B, T, d = h.shape
             m, H = self.m, self.n_heads
-            out = h.clone() if residual else torch.zeros_like(h)  # BUG (residual=False): no residual
+            out = (h if in_place else h.clone()) if residual else torch.zeros_like(h)  # BUG: no residual, or h itself
             for i in range(T):
                 c = chunk_of(i, m)  # BUG: the wrong chunk
                 if not 0 <= c < neighbours.shape[1]:
                     continue
-                memory = neighbours[:, c].reshape(B, -1, d)
+                # BUG (all_earlier): every finished chunk, not the last one only
+                memory = (neighbours[:, :c + 1] if all_earlier else neighbours[:, c]).reshape(B, -1, d)
                 q = self.q_proj(h[:, i:i + 1]).view(B, 1, H, d // H).transpose(1, 2)
                 k = self.k_proj(memory).view(B, -1, H, d // H).transpose(1, 2)
                 v = self.v_proj(memory).view(B, -1, H, d // H).transpose(1, 2)
@@ -352,6 +387,14 @@ def cca_no_residual(ns):
 
 def cca_no_scaling(ns):
     return cca_with(ns, scale=False)
+
+
+def cca_in_place(ns):
+    return cca_with(ns, in_place=True)  # out = h: out[:, i] = ... writes into the caller's h
+
+
+def cca_all_earlier_chunks(ns):
+    return cca_with(ns, all_earlier=True)
 
 
 def cca_calls_sdpa(ns):
@@ -412,6 +455,16 @@ def knn_times_log(ns):
     return knn_lm
 
 
+def knn_naive_exp(ns):
+    def knn_lm(lm_logprobs, neighbour_distances, neighbour_tokens, lam, temperature=1.0):
+        w = (-neighbour_distances / temperature).exp()
+        w = w / w.sum()  # BUG: exp(-1000) underflows to 0 for every neighbour: 0 / 0
+        p_knn = torch.zeros_like(lm_logprobs).scatter_add(0, neighbour_tokens.long(), w)
+        lam = torch.tensor(lam, dtype=lm_logprobs.dtype)
+        return torch.logaddexp(lm_logprobs + torch.log1p(-lam), p_knn.log() + lam.log())
+    return knn_lm
+
+
 def knn_plus_distance(ns):
     return knn_with(ns, sign=1.0)
 
@@ -454,6 +507,8 @@ BUGS = {
         (bm25_query_set, BM25_CALL + r".*a repeated query token counts once"),
         (bm25_distinct_length, BM25_CALL + r".*\|D\| counts distinct terms"),
         (bm25_no_k1_plus_one, BM25_CALL + r".*the numerator lacks its factor \(k1 \+ 1\)"),
+        (bm25_avgdl_nonempty, r"BM25\(a corpus of 13 documents, k1=1\.2, b=0\.3, epsilon=0\.6\)\.scores\(.*max "
+                              r"\|difference\|.*avgdl is the mean length of the non-empty documents only"),
         (bm25_calls_rank_bm25, r"your BM25 calls rank_bm25; this exercise asks you to write it yourself"),
     ],
     "07.dense_index": [
@@ -474,6 +529,14 @@ BUGS = {
         (dense_whole_matrix, r"DenseIndex\(embeddings \(16384, 4\), metric='l2', chunk=512\)\.search\(queries \(64, "
                              r"4\), k=10\): the tensors it creates take .* one \(Q, N\) = \(64, 16384\) float32 "
                              r"matrix of scores takes 4\.0 MiB"),
+        (dense_ip_whole_matrix, r"DenseIndex\(embeddings \(16384, 4\), metric='ip', chunk=512\)\.search\(queries "
+                                r"\(64, 4\), k=10\): the tensors it creates take .* one \(Q, N\) = \(64, 16384\) "
+                                r"float32 matrix of scores takes 4\.0 MiB"),
+        (dense_float_ids, DENSE_CALL + r": the ids are torch\.float32: ids must be int64 \(torch\.long\)"),
+        (dense_int32_ids, DENSE_CALL + r": the ids are torch\.int32: ids must be int64 \(torch\.long\)"),
+        (dense_numpy, DENSE_CALL + r": returned \(ndarray, ndarray\); the scores and ids must be torch tensors"),
+        (dense_swapped, DENSE_CALL + r": the scores \(vs faiss' IndexFlatIP\): max \|difference\|.*these are the ids: "
+                                     r"search returns \(scores, ids\), the scores first"),
         (dense_calls_faiss, r"your DenseIndex calls faiss; this exercise asks you to write it yourself"),
     ],
     "07.embed": [
@@ -507,6 +570,10 @@ BUGS = {
         (in_batch_negated, r"p = I: d loss / d \(q_0 \. p_0\) = \d\.\d+ >= 0: the loss must push each query's score "
                            r"with its own positive up\. the sign is flipped"),
         (in_batch_cosine, r"temperature=0\.5\), p = I: the loss .*the scores are cosine similarities"),
+        (in_batch_naive_softmax, r"in_batch_negatives_loss\(q \(4, 16\), p \(4, 16\), temperature=0\.01\), unit rows, "
+                                 r"q\[0\] = p\[0\]: the loss \(vs F\.cross_entropy.*\): (nan|inf), where the answer "
+                                 r"is .*: the scores q \. p / t reach 100 here, and exp of more than 88\.7 overflows "
+                                 r"float32.*subtracts each row's largest score"),
         (in_batch_detached, r"p = I: the gradient of the loss raised RuntimeError.*the loss must be differentiable"),
     ],
     "07.chunked_cross_attention": [
@@ -520,6 +587,10 @@ BUGS = {
         (cca_no_scaling, CCA + r" \(vs F.scaled_dot_product_attention in float64, position by position\): max "
                                r"\|difference\|.*the scores are not scaled"),
         (cca_single_head, CCA + r" \(vs F.scaled_dot_product_attention .*this is a single head of d_model"),
+        (cca_in_place, CCA + r": forward modified h in place: return h \+ \.\.\., a new tensor"),
+        (cca_all_earlier_chunks, CCA + r": redrawing the neighbours of chunk 0 changed the output at position 7, after "
+                                       r"the m positions 3 \.\. 6 that see them .*: attend only to the last finished "
+                                       r"chunk, not to all earlier ones"),
         (cca_calls_sdpa, r"your code calls F.scaled_dot_product_attention; this exercise asks you to write it"),
     ],
     "07.knn_lm": [
@@ -530,6 +601,9 @@ BUGS = {
                              r"error\. lambda may be 0 or 1"),
         (knn_times_log, KNN + r"lam=0\.25, temperature=1\.0\): the probabilities sum to \d+\.\d+, not 1\. lambda "
                               r"multiplies log p_kNN"),
+        (knn_naive_exp, KNN + r"lam=0\.3, temperature=1\.0\), distances near 1000: nan at token \d+, where the "
+                              r"answer is .*: exp\(-d / T\) underflows to 0 for every neighbour here .*0 / 0 = NaN: "
+                              r"use torch\.softmax, which subtracts the largest"),
         (knn_plus_distance, KNN + r"lam=0\.25, temperature=1\.0\).*the kNN weights are softmax\(\+d / T\)"),
         (knn_temperature_multiplies, KNN + r"lam=0\.25, temperature=3\.0\) .*the temperature multiplies the "
                                            r"distances"),

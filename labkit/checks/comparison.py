@@ -104,5 +104,10 @@ def assert_bf16_close(what: str, got, want: torch.Tensor, hint: str = "", max_sh
 
 
 def first_match(got, candidates: Suspects, atol: float = 1e-5) -> str:
-    """The name of the first candidate that ``got`` matches (each computed only when reached), else ``""``."""
-    return next((name for name, bug in candidates.items() if close(got, bug() if callable(bug) else bug, atol)), "")
+    """The name of the first candidate that ``got`` matches (each computed only when reached), else ``""``; a
+    candidate that is None (or computes None) does not apply and is skipped."""
+    for name, bug in candidates.items():
+        want = bug() if callable(bug) else bug
+        if want is not None and close(got, want, atol):
+            return name
+    return ""

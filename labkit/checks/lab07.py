@@ -67,12 +67,15 @@ def bm25_case(corpus: list[list[str]], queries: list[list[str]], k1: float = 1.5
 
 
 def bm25_inputs(seed: int, params=((1.5, 0.75, 0.25), (1.2, 0.3, 0.6), (2.0, 1.0, 0.1)), N: int = 12) -> dict:
-    """A fixed corpus with the default parameters, then the seed's corpora with others. The queries hold a term in
-    more than half the documents, one in exactly half, a repeated term and a term absent from the corpus."""
+    """A fixed corpus with the default parameters, then the seed's corpora with others, the first with an empty
+    document (its length 0 counts in avgdl). The queries hold a term in more than half the documents, one in exactly
+    half, a repeated term and a term absent from the corpus."""
     g = seeded_generator(seed)
     cases = []
     for i, (k1, b, epsilon) in enumerate(params):
         corpus = bm25_corpus(seeded_generator(7) if i == 0 else g, N)
+        if i == 1:
+            corpus.insert(N // 2, [])  # b = 0.3 < 1: its length normalisation k1 (1 - b) is not 0
         rare = next(w for w in FILLER if sum(w in doc for doc in corpus) == 1) if i == 0 else (
             FILLER[randint(g, 0, len(FILLER) - 1)])
         queries = [["the", "cat", "cat", "unicorn"], ["and", "cat", rare], ["dog", "the", "dog", "and", "and"]]
@@ -98,13 +101,13 @@ def bm25_collect(inputs: dict, BM25) -> dict:
 
 def bm25_variant(corpus: list[list[str]], query: list[str], k1: float, b: float, epsilon: float,
                  idf: str = "robertson", floor: str = "negative", average: str = "raw", length: str = "tokens",
-                 repeats: bool = True, saturation: bool = True) -> torch.Tensor:
+                 repeats: bool = True, saturation: bool = True, avgdl: str = "all") -> torch.Tensor:
     """BM25 scores, float64, in rank_bm25's way by default and in wrong ones for diagnoses: ``idf`` "lucene"
     (ln(1 + ...), never floored); ``floor`` "negative" (rank_bm25: idf < 0 replaced by epsilon * average_idf),
     "nonpositive" (idf <= 0 replaced), "max" (max(idf, epsilon * average_idf)), "zero" (negative idf set to 0) or
     "none"; ``average`` of the raw idf, "clamped" at 0 or over the "positive" ones; ``length`` "distinct" (|D| the
     number of distinct terms); ``repeats=False`` (a repeated query token counted once); ``saturation=False`` (no
-    k1 + 1 in the numerator)."""
+    k1 + 1 in the numerator); ``avgdl`` "nonempty" (the mean length of the non-empty documents only)."""
     N, counts = len(corpus), [Counter(doc) for doc in corpus]
     df = Counter(t for c in counts for t in c)
     raw = {t: float(ref.bm25_variant_idf(N, n, "lucene" if idf == "lucene" else "robertson")) for t, n in df.items()}
@@ -114,12 +117,12 @@ def bm25_variant(corpus: list[list[str]], query: list[str], k1: float, b: float,
     weight = {"negative": lambda v: low if v < 0 else v, "nonpositive": lambda v: low if v <= 0 else v,
               "max": lambda v: max(v, low), "zero": lambda v: max(v, 0.0), "none": lambda v: v}[floor]
     lengths = torch.tensor([len(doc) if length == "tokens" else len(set(doc)) for doc in corpus], dtype=torch.float64)
+    mean = lengths[lengths > 0].mean() if avgdl == "nonempty" else lengths.mean()
     scores = torch.zeros(N, dtype=torch.float64)
     for t in query if repeats else list(dict.fromkeys(query)):
         if t in raw:
             f = torch.tensor([c[t] for c in counts], dtype=torch.float64)
-            scores += weight(raw[t]) * f * (k1 + 1 if saturation else 1) / (
-                f + k1 * (1 - b + b * lengths / lengths.mean()))
+            scores += weight(raw[t]) * f * (k1 + 1 if saturation else 1) / (f + k1 * (1 - b + b * lengths / mean))
     return scores
 
 
@@ -153,6 +156,9 @@ def bm25_suspects(corpus: list[list[str]], query: list[str], k1: float, b: float
         "the negative ones included": lambda: v(k1, b, epsilon, average="positive")}
     if b == 0.75:
         del suspects["the b argument is ignored: use the b passed to __init__"]
+    if [] in corpus and b > 0:
+        suspects["avgdl is the mean length of the non-empty documents only: it is the mean over every document, an "
+                 "empty one (length 0) included"] = lambda: v(k1, b, epsilon, avgdl="nonempty")
     return suspects
 
 
@@ -213,7 +219,8 @@ TIE_CASES = [(23, 5, "ip", 3), (23, 5, "l2", 3), (40, 6, "l2", 11), (40, 6, "ip"
 
 def dense_inputs(seed: int, cases=DENSE_CASES, ties=TIE_CASES, memory=True) -> dict:
     """Integer-valued vectors without ties, for faiss; vectors with many exact duplicates and ties spread over the
-    chunks, for the tie rule; and a search of 64 queries over 16384 rows in chunks of 512, whose memory is measured."""
+    chunks, for the tie rule; and a search of 64 queries over 16384 rows in chunks of 512, for each metric, whose memory
+    is measured."""
     g, out = seeded_generator(seed), {"cases": [], "forbidden": ["faiss"]}
     for N, d, Q, metric, chunk, ks in cases:
         x = integer_vectors(g, N, d, 50)
@@ -225,14 +232,15 @@ def dense_inputs(seed: int, cases=DENSE_CASES, ties=TIE_CASES, memory=True) -> d
         out["cases"].append({"x": x, "q": integer_vectors(g, 6, 4, 2), "ks": [4, 1, chunk + 2, N],
                              "init": {"metric": metric, "chunk": chunk}, "ties": True})
     if memory:
-        out["memory"] = {"x": integer_vectors(g, 16384, 4, 50), "q": integer_vectors(g, 64, 4, 50), "k": 10,
-                         "init": {"metric": "l2", "chunk": 512}}
+        x, q = integer_vectors(g, 16384, 4, 50), integer_vectors(g, 64, 4, 50)
+        out["memory"] = [{"x": x, "q": q, "k": 10, "init": {"metric": metric, "chunk": 512}} for metric in ("l2", "ip")]
     return out
 
 
 def dense_collect(inputs: dict, DenseIndex) -> dict:
-    """Each index's search for each k; on the memory case, its result and the peak and largest bytes of the tensors
-    the search creates; and the packages of ``inputs["forbidden"]`` that the student's code called into."""
+    """Each index's search for each k; on each memory case (one per metric), its result and the peak and largest
+    bytes of the tensors the search creates; and the packages of ``inputs["forbidden"]`` that the student's code
+    called into."""
     with PackageCalls(inputs["forbidden"]) as calls:
         out = {"results": []}
         for case in inputs["cases"]:
@@ -240,11 +248,12 @@ def dense_collect(inputs: dict, DenseIndex) -> dict:
             out["results"].append([index if isinstance(index, dict) else attempt(index.search, case["q"].clone(), k)
                                    for k in case["ks"]])
         if "memory" in inputs:
-            case = inputs["memory"]
-            index = attempt(DenseIndex, case["x"].clone(), **case["init"])
-            with torch.no_grad(), PeakTensorMemory() as memory:
-                found = index if isinstance(index, dict) else attempt(index.search, case["q"], case["k"])
-            out["memory"] = {"found": found, "peak": memory.peak, "largest": memory.largest}
+            out["memory"] = []
+            for case in inputs["memory"]:
+                index = attempt(DenseIndex, case["x"].clone(), **case["init"])
+                with torch.no_grad(), PeakTensorMemory() as memory:
+                    found = index if isinstance(index, dict) else attempt(index.search, case["q"], case["k"])
+                out["memory"].append({"found": found, "peak": memory.peak, "largest": memory.largest})
     return out | {"called": calls.called}
 
 
@@ -291,10 +300,14 @@ def check_search(what: str, got, x: torch.Tensor, q: torch.Tensor, k: int, metri
         raise AssertionError(f"{what} raised {raised(got)}")
     if not isinstance(got, (tuple, list)) or len(got) != 2:
         raise AssertionError(f"{what}: returned a {type(got).__name__}; it must return (scores, ids)")
+    if not all(isinstance(t, torch.Tensor) for t in got):
+        raise AssertionError(f"{what}: returned ({type(got[0]).__name__}, {type(got[1]).__name__}); the scores and "
+                             "ids must be torch tensors (torch.from_numpy converts a NumPy array)")
     other = "l2" if metric == "ip" else "ip"
     compare(f"{what}: the scores (vs {by})", got[0], want[0], atol,
             "'ip': the k largest inner products q . x; 'l2': the k smallest squared L2 distances |q - x|^2; best "
             "first", {
+                "these are the ids: search returns (scores, ids), the scores first": want[1],
                 "the scores are square roots: 'l2' returns squared L2 distances, as faiss' IndexFlatL2 does":
                 lambda: want[0].clamp_min(0).sqrt() if metric == "l2" else None,
                 f"the metric is ignored: these are {other!r} scores": lambda: ref.exact_search(x, q, k, other)[0],
@@ -306,6 +319,9 @@ def check_search(what: str, got, x: torch.Tensor, q: torch.Tensor, k: int, metri
                 lambda: chunked_search(x, q, k, metric, chunk, "last")[0],
                 "only the first chunk is searched: walk every chunk of the embeddings":
                 lambda: chunked_search(x, q, k, metric, chunk, "first")[0]})
+    if got[1].dtype != torch.long:
+        raise AssertionError(f"{what}: the ids are {got[1].dtype}: ids must be int64 (torch.long), as faiss returns "
+                             "them; they index the passages (values[ids]), which float ids cannot")
     compare(f"{what}: the ids (vs {by})", got[1], want[1], 0, TIE_RULE, {
         "the ids are counted within each chunk: add the chunk's first row, start, to them":
         lambda: chunked_search(x, q, k, metric, chunk, "local")[1],
@@ -331,23 +347,24 @@ def dense_index(inputs: dict, out: dict) -> str:
             atol = 4 * torch.finfo(torch.float32).eps * float(want[0].abs().max())  # exact here: a float32 margin
             check_search(what, got, x, q, k, metric, chunk, want, by, atol)
     if "memory" in inputs:
-        case, got = inputs["memory"], out["memory"]
-        x, q, k = case["x"], case["q"], case["k"]
-        what = f"{dense_call(case)}.search(queries {tuple(q.shape)}, k={k})"
-        check_search(what, got["found"], x, q, k, "l2", case["init"]["chunk"], ref.exact_search(x, q, k, "l2"),
-                     "the tie rule: an exact search and a stable sort", 0.5)
-        full = 4 * len(q) * len(x)  # one (Q, N) float32 matrix of scores
-        if got["largest"] >= full / 2 or got["peak"] >= full:
-            raise AssertionError(
-                f"{what}: the tensors it creates take {got['peak'] / 2**20:.1f} MiB at their peak, the largest "
-                f"{got['largest'] / 2**20:.1f} MiB, where one (Q, N) = {(len(q), len(x))} float32 matrix of "
-                f"scores takes {full / 2**20:.1f} MiB: score one chunk of chunk = {case['init']['chunk']} rows at a "
-                "time, keep the best k so far, and never hold the scores against every row")
+        for case, got in zip(inputs["memory"], out["memory"], strict=True):
+            x, q, k, metric = case["x"], case["q"], case["k"], case["init"]["metric"]
+            what = f"{dense_call(case)}.search(queries {tuple(q.shape)}, k={k})"
+            check_search(what, got["found"], x, q, k, metric, case["init"]["chunk"], ref.exact_search(x, q, k, metric),
+                         "the tie rule: an exact search and a stable sort", 0.5)
+            full = 4 * len(q) * len(x)  # one (Q, N) float32 matrix of scores
+            if got["largest"] >= full / 2 or got["peak"] >= full:
+                raise AssertionError(
+                    f"{what}: the tensors it creates take {got['peak'] / 2**20:.1f} MiB at their peak, the largest "
+                    f"{got['largest'] / 2**20:.1f} MiB, where one (Q, N) = {(len(q), len(x))} float32 matrix of "
+                    f"scores takes {full / 2**20:.1f} MiB: score one chunk of chunk = {case['init']['chunk']} rows "
+                    "at a time, keep the best k so far, and never hold the scores against every row, for either "
+                    "metric")
         return ("equals faiss' IndexFlatIP and IndexFlatL2 (squared distances) without ties, with several chunks, "
-                "k = 1 and k > chunk; ties go to the lower id, a cut tie group keeps its lowest ids; a search over "
-                "16384 rows never holds a (Q, N) matrix")
+                "k = 1 and k > chunk; ties go to the lower id, a cut tie group keeps its lowest ids; ids are int64; a "
+                "search over 16384 rows never holds a (Q, N) matrix, 'ip' or 'l2'")
     return ("equals faiss' IndexFlatIP and IndexFlatL2 (squared distances) without ties, with several chunks, k = 1 "
-            "and k > chunk; ties go to the lower id, a cut tie group keeps its lowest ids")
+            "and k > chunk; ties go to the lower id, a cut tie group keeps its lowest ids; ids are int64")
 
 
 # ---------------------------------------------------------------- 3. sentence embeddings with Lab 1b's BERT
@@ -461,18 +478,22 @@ def embed(inputs: dict, out: dict) -> str:
 
 
 # ---------------------------------------------------------------- 4. DPR's in-batch negatives
+ALIGNED = "unit rows, q[0] = p[0]"  # q[0] . p[0] / t = 1 / t: at t = 0.01, exp(100) overflows float32
 IN_BATCH_CASES = [(3, 3, 3, 0.5, "p = I"), (4, 4, 8, 1.0, ""), (6, 6, 16, 0.05, "unit rows"),
-                  (5, 12, 8, 0.1, "unit rows"), (1, 4, 8, 1.0, "")]  # (B, P, d, temperature, how)
+                  (5, 12, 8, 0.1, "unit rows"), (1, 4, 8, 1.0, ""),
+                  (4, 4, 16, 0.01, ALIGNED)]  # (B, P, d, temperature, how)
 
 
 def in_batch_inputs(seed: int, cases=IN_BATCH_CASES) -> dict:
     """Queries and passages, P >= B (rows B .. P - 1 are hard negatives); with p = I (B = P = d) the gradient with
-    respect to q is that with respect to the scores."""
+    respect to q is that with respect to the scores; with ``ALIGNED`` unit rows and q[0] = p[0], a score of 1 / t."""
     g, out = seeded_generator(seed), []
     for B, P, d, t, how in cases:
         q, p = torch.randn(B, d, generator=g), torch.randn(P, d, generator=g)
-        if how == "unit rows":
+        if how.startswith("unit rows"):
             q, p = F.normalize(q, dim=-1), F.normalize(p, dim=-1)
+        if how == ALIGNED:
+            p[0] = q[0]
         if how == "p = I":
             p = torch.eye(d)
         extra = f" (rows {B} to {P - 1} of p are hard negatives)" if P > B else ""
@@ -534,6 +555,13 @@ def in_batch_negatives(inputs: dict, out: dict) -> str:
         loss_what = f"{what}: the loss (vs F.cross_entropy(q @ p.T / t, arange(B)) in float64)"
         if not isinstance(got["loss"], torch.Tensor) or got["loss"].dim() != 0:  # raised, or not one number
             compare(loss_what, got["loss"], want, 1e-5, IN_BATCH_HINT, suspects)
+        if not torch.isfinite(got["loss"]).all():
+            top = (q.double() @ p.double().T / t).max().item()
+            raise AssertionError(
+                f"{loss_what}: {got['loss'].item()}, where the answer is {want.item():.6g}" + (
+                    f": the scores q . p / t reach {top:.4g} here, and exp of more than 88.7 overflows float32 (then "
+                    "inf / inf is NaN): take the log-softmax (log_softmax or F.cross_entropy), which subtracts each "
+                    "row's largest score before exp" if top > 88.7 else f". {IN_BATCH_HINT}"))
         if raised(got["grads"]):
             raise AssertionError(f"{what}: the gradient of the loss raised {raised(got['grads'])}. {DIFFERENTIABLE}")
         if case["diagonal"]:  # scores = q @ I = q: the gradient with respect to q is d loss / d scores
@@ -582,15 +610,18 @@ def cca_inputs(seed: int, cases=CCA_CASES) -> dict:
 
 
 def cca_collect(inputs: dict, ChunkedCrossAttention) -> dict:
-    """Each case's output, and its outputs with the neighbours of one chunk redrawn, chunk by chunk."""
+    """Each case's output, the h it was given as it is after the call (a forward that modifies h in place shows
+    there), and its outputs with the neighbours of one chunk redrawn, chunk by chunk."""
     out = []
     for case in inputs["cases"]:
         module = attempt(build, ChunkedCrossAttention, case["weights"], case["what"], *case["init"])
         if isinstance(module, dict):
-            out.append({"base": module, "changed": [module] * len(case["changed"])})
+            out.append({"base": module, "h_after": case["h"], "changed": [module] * len(case["changed"])})
             continue
         with torch.no_grad():
-            out.append({"base": attempt(module, case["h"].clone(), case["E"].clone()),
+            h = case["h"].clone()
+            base = attempt(module, h, case["E"].clone())
+            out.append({"base": base, "h_after": h,
                         "changed": [attempt(module, case["h"].clone(), E) for E in case["changed"]]})
     return {"cases": out}
 
@@ -645,6 +676,9 @@ def chunked_cross_attention(inputs: dict, out: dict) -> str:
         m, h, what = case["init"][2], case["h"], case["what"]
         T = h.shape[1]
         base = as_tensor(what, got["base"], h.shape)
+        if not torch.equal(as_tensor(f"{what}: h after the call", got["h_after"], h.shape), h.double()):
+            raise AssertionError(f"{what}: forward modified h in place: return h + ..., a new tensor, and leave the "
+                                 "caller's h as it was (out = h aliases h, and out[:, i] += ... writes into it)")
         for c, changed in enumerate(got["changed"]):
             moved = (as_tensor(f"{what}, chunk {c}'s neighbours redrawn", changed, h.shape) - base).abs().amax(
                 dim=(0, 2)) > 1e-6  # (T,): which positions changed
@@ -663,6 +697,12 @@ def chunked_cross_attention(inputs: dict, out: dict) -> str:
                     f"{what}: redrawing the neighbours of chunk {c} did not change the output at position "
                     f"{unmoved[0]}, which attends to them ((i + 1) // m - 1 = {c}): {CCA_RULE}"
                     + (f". {advice}" if advice else ""))
+            if moved[first + m:].any():
+                i = first + m + int(torch.nonzero(moved[first + m:])[0])
+                raise AssertionError(
+                    f"{what}: redrawing the neighbours of chunk {c} changed the output at position {i}, after the m "
+                    f"positions {first} .. {first + m - 1} that see them (c m + m - 1 .. c m + 2 m - 2): attend only "
+                    f"to the last finished chunk, not to all earlier ones: {CCA_RULE}")
         compare(f"{what}: positions 0 to {min(m - 1, T) - 1}, which see no chunk yet, equal h exactly", base[:, :m - 1],
                 h[:, :m - 1].double(), 0, CCA_RULE + "; return h there unchanged",
                 {"the residual is missing: return h + the attention's output": torch.zeros_like(h[:, :m - 1])})
@@ -672,15 +712,16 @@ def chunked_cross_attention(inputs: dict, out: dict) -> str:
                 cca_suspects(case))
     return ("equals multi-head attention (F.scaled_dot_product_attention in float64) of each token i >= m - 1 to the "
             "neighbours of chunk (i + 1) // m - 1, plus h; positions 0 .. m - 2 are h; each chunk's neighbours change "
-            "exactly the m positions from c m + m - 1 on; T a multiple of m or not, T < m, 1 to 4 heads")
+            "exactly the m positions from c m + m - 1 on; h is left unchanged; T a multiple of m or not, T < m, 1 to 4 "
+            "heads")
 
 
 # ---------------------------------------------------------------- 6. kNN-LM
+FAR = "distances near 1000"  # exp(-d) underflows: the weights need softmax's subtraction of the largest score
 KNN_CASES = [  # (lambda, temperature, how)
     (0.25, 1.0, ""), (0.25, 3.0, ""), (0.0, 1.0, "lambda = 0: the LM alone"),
     (1.0, 1.0, "lambda = 1: the kNN distribution alone, -inf where no neighbour continues with the token"),
-    (0.5, 1.0, "LM log-probabilities down to -800"), (0.9, 0.5, "")]
-FAR = "distances near 1000"  # exp(-d) underflows: the weights need softmax's subtraction of the largest score
+    (0.5, 1.0, "LM log-probabilities down to -800"), (0.9, 0.5, ""), (0.3, 1.0, FAR)]
 
 
 def knn_inputs(seed: int, cases=KNN_CASES, V: int = 40, k: int = 8) -> dict:
@@ -773,8 +814,12 @@ def knn_lm(inputs: dict, out: dict) -> str:
         nan, infinite = torch.isnan(got), torch.isneginf(got) & torch.isfinite(want)
         if nan.any() or infinite.any() or torch.isposinf(got).any():
             i = int(torch.nonzero(nan | infinite | torch.isposinf(got))[0])
+            underflow = not (-distances.double() / t).exp().sum() > 0  # every exp(-d / T) is 0, even in float64
             why = ("its LM log-probability is {:.1f}: exp of it underflows to 0, and so does the mixture of "
                    "probabilities; mix in log space".format(lm[i].item()) if lm[i] < -100 else
+                   f"exp(-d / T) underflows to 0 for every neighbour here (the smallest d / T is "
+                   f"{(distances.double() / t).min().item():.4g}), and their sum too, so the weights are 0 / 0 = NaN: "
+                   "use torch.softmax, which subtracts the largest -d / T before exp" if nan[i] and underflow else
                    "0 * log 0 = 0 * -inf is NaN" if nan[i] else "the mixture is not 0 there")
             raise AssertionError(f"{what}: {got[i].item()} at token {i}, where the answer is {want[i].item():.6g}: "
                                  f"{why}. {KNN_HINT}")
@@ -792,5 +837,5 @@ def knn_lm(inputs: dict, out: dict) -> str:
         compare(f"{what} (vs kNN-LM's mixture in probability space, float64)", got[finite], want[finite],
                 1e-3 if "-800" in what else 1e-5, KNN_HINT, suspects)
     return ("equals kNN-LM's mixture where finite and -inf where it is 0, sums to 1; the LM at lambda = 0, the kNN "
-            "distribution at lambda = 1; finite with p_kNN = 0 and LM log-probabilities of -800; the temperature, and "
-            "repeated neighbour tokens added up")
+            "distribution at lambda = 1; finite with p_kNN = 0 and LM log-probabilities of -800, and with distances "
+            "near 1000 (exp(-d) underflows); the temperature, and repeated neighbour tokens added up")

@@ -967,3 +967,346 @@ def knn_lm_reference(lm_logprobs: torch.Tensor, distances: torch.Tensor, tokens:
     weights = torch.softmax(-distances.double() / temperature, dim=0)
     p_knn = torch.zeros_like(p_lm).scatter_add_(0, tokens.long(), weights)
     return torch.log((1 - lam) * p_lm + lam * p_knn)
+
+
+# ---------------------------------------------------------------- Lab 8: state space models
+def _torch_path(model: str, name: str):
+    """The pure-PyTorch body of transformers' kernel-dispatching function ``name`` of ``modeling_<model>``.
+    transformers 5 decorates it with ``use_kernel_func_from_hub_with_fallback`` (``integrations/hub_kernels.py``
+    l. 990-1055), whose wrapper calls mamba_ssm's kernel when that package imports; ``functools.wraps`` (l. 1027)
+    keeps the torch body as ``__wrapped__``. ``inspect.unwrap`` follows every ``__wrapped__``, in case the
+    ``kernels`` package adds a layer of its own. Checked: the function is the one written in ``modeling_<model>``."""
+    import inspect
+
+    fn = inspect.unwrap(hf(model, name))
+    if not fn.__code__.co_filename.endswith(f"modeling_{model}.py"):
+        raise RuntimeError(f"{name}: expected the torch path of modeling_{model}.py, got {fn.__code__.co_filename}")
+    return fn
+
+
+def _f64(t):
+    return None if t is None else torch.as_tensor(t).detach().to(torch.float64)
+
+
+def python_loop_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """h_t = a_t h_{t-1} + b_t along the last dimension, h_0 = 0 (so h_1 = b_1), one Python step per position:
+    the sequential baseline of the parallel scan, in the dtype ``torch.result_type(a, b)`` (pass float64 for a
+    reference; keep float32 to time it). a and b broadcast; the result has their broadcast shape."""
+    a, b = torch.broadcast_tensors(a, b)
+    dtype = torch.result_type(a, b)
+    h = torch.empty(a.shape, dtype=dtype, device=a.device)
+    state = torch.zeros(a.shape[:-1], dtype=dtype, device=a.device)
+    for t in range(a.shape[-1]):
+        state = a[..., t] * state + b[..., t]
+        h[..., t] = state
+    return h
+
+
+def zoh_reference(A: torch.Tensor, B: torch.Tensor, dt) -> tuple[torch.Tensor, torch.Tensor]:
+    """The zero-order hold by a matrix exponential (Van Loan's block form), float64 or complex128:
+    exp([[A, B], [0, 0]] dt) = [[exp(A dt), int_0^dt exp(A s) ds B], [0, I]], so A_bar = exp(dt A) and
+    B_bar = (dt A)^-1 (exp(dt A) - I) dt B, the issue's formula (the integral also holds for a singular A, where it
+    tends to dt B). A is (N, N) dense or (N,) the diagonal of a diagonal A, real or complex; B is (N,) or (N, M);
+    dt a float or a 0-dim tensor. For a diagonal A the returned A_bar is the (N,) diagonal, B_bar (N,) or (N, M)."""
+    A, B = torch.as_tensor(A), torch.as_tensor(B)
+    dtype = torch.complex128 if (A.is_complex() or B.is_complex()) else torch.float64
+    diagonal = A.dim() == 1
+    A = torch.diag(A.to(dtype)) if diagonal else A.to(dtype)
+    B = B.to(dtype)
+    vector = B.dim() == 1
+    B = B[:, None] if vector else B
+    n, m = B.shape
+    block = torch.zeros(n + m, n + m, dtype=dtype)
+    block[:n, :n], block[:n, n:] = A, B
+    expm = torch.linalg.matrix_exp(block * torch.as_tensor(dt, dtype=torch.float64))
+    A_bar, B_bar = expm[:n, :n], expm[:n, n:]
+    return (torch.diagonal(A_bar).clone() if diagonal else A_bar), (B_bar[:, 0] if vector else B_bar)
+
+
+def zoh_diagonal(A: torch.Tensor, B: torch.Tensor, dt) -> tuple[torch.Tensor, torch.Tensor]:
+    """The closed form of the ZOH for a diagonal A (N,), real or complex, float64 or complex128: A_bar = exp(dt A),
+    B_bar = (exp(dt A) - 1) / A * B, with expm1 for accuracy at small dt A, and dt B where A = 0 (the limit).
+    Mamba's simplification keeps A_bar and takes the Euler B_bar = dt B instead."""
+    A, B = torch.as_tensor(A), torch.as_tensor(B)
+    dtype = torch.complex128 if (A.is_complex() or B.is_complex()) else torch.float64
+    A, B = A.to(dtype), B.to(dtype)
+    dtA = A * torch.as_tensor(dt, dtype=torch.float64)
+    safe = torch.where(A == 0, torch.ones_like(A), A)
+    factor = torch.where(A == 0, torch.as_tensor(dt, dtype=dtype) * torch.ones_like(A), torch.expm1(dtA) / safe)
+    return torch.exp(dtA), factor * B
+
+
+def _real_output(y: torch.Tensor) -> torch.Tensor:
+    """S4D's convention: a complex diagonal system of N/2 modes stands for N real states in conjugate pairs, and
+    its output is the sum of each mode and its conjugate, 2 Re(.). A real system is returned as it is."""
+    return 2 * y.real if y.is_complex() else y
+
+
+def lti_recurrent_reference(u: torch.Tensor, A_bar: torch.Tensor, B_bar: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """y (L,) float64 of the diagonal LTI recurrence x_k = A_bar x_{k-1} + B_bar u_k, y_k = C . x_k, x_{-1} = 0
+    (so y_0 = C . B_bar u_0), with A_bar, B_bar, C of shape (N,), one Python step per position, in float64 or
+    complex128; complex: 2 Re(C . x_k), :func:`_real_output`."""
+    dtype = torch.complex128 if any(t.is_complex() for t in (A_bar, B_bar, C)) else torch.float64
+    A_bar, B_bar, C = (torch.as_tensor(t).to(dtype) for t in (A_bar, B_bar, C))
+    x = torch.zeros_like(A_bar)
+    ys = []
+    for u_k in u.to(torch.float64):
+        x = A_bar * x + B_bar * u_k
+        ys.append((C * x).sum())
+    return _real_output(torch.stack(ys)) if ys else torch.zeros(0, dtype=torch.float64)
+
+
+def lti_kernel_reference(A_bar: torch.Tensor, B_bar: torch.Tensor, C: torch.Tensor, L: int) -> torch.Tensor:
+    """K (L,) float64, K_k = sum_n C_n A_bar_n^k B_bar_n for k = 0 .. L-1 (the Vandermonde product V(A_bar) of
+    S4D: powers as exp(k log A_bar) would fail at A_bar = 0, so it takes A_bar ** k); complex: 2 Re(.). With ZOH
+    factors of :func:`zoh_diagonal` it is S4D's kernel (state-spaces/s4, ``models/s4/s4d.py``: ``C * (exp(dtA) -
+    1) / A``, then ``2 * einsum(C, exp(dtA * arange(L))).real``, B folded into C)."""
+    dtype = torch.complex128 if any(t.is_complex() for t in (A_bar, B_bar, C)) else torch.float64
+    A_bar, B_bar, C = (torch.as_tensor(t).to(dtype) for t in (A_bar, B_bar, C))
+    powers = A_bar[:, None] ** torch.arange(L, dtype=torch.float64)[None, :]  # (N, L), 0 ** 0 = 1
+    return _real_output(((C * B_bar)[:, None] * powers).sum(0))
+
+
+def s4d_kernel_reference(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dt, L: int) -> torch.Tensor:
+    """S4D's convolution kernel (L,) float64: the ZOH of the diagonal A (:func:`zoh_diagonal`), then
+    :func:`lti_kernel_reference`; a complex A of N/2 modes gives 2 Re(.), for N real states."""
+    A_bar, B_bar = zoh_diagonal(A, B, dt)
+    return lti_kernel_reference(A_bar, B_bar, C, L)
+
+
+def causal_convolution_reference(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """y_k = sum_{j=0..k} K_j u_{k-j} (L,) float64, the direct O(L^2) sum: what an FFT convolution over n >= 2L
+    points, cut to its first L outputs, computes (n = L would wrap around: a circular convolution)."""
+    u, K = u.to(torch.float64), K.to(torch.float64)
+    L = u.shape[-1]
+    k, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    toeplitz = torch.where(j <= k, K[(k - j).clamp(min=0)], torch.zeros((), dtype=torch.float64))
+    return toeplitz @ u
+
+
+def selective_scan_reference(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                             D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                             delta_bias: torch.Tensor | None = None, delta_softplus: bool = False,
+                             return_last_state: bool = False):
+    """transformers' pure-PyTorch ``mamba_selective_scan`` (``models/mamba/modeling_mamba.py`` l. 173-278, taken
+    through :func:`_torch_path`, so no kernel library is used), sequential branch, every input cast to float64.
+
+    Layouts, as Mamba's ``selective_scan_ref``: u, delta, z (B, D, L); A (D, N) real, the caller passes
+    -exp(A_log); B, C (B, N, L) input-dependent; D and delta_bias (D,). Semantics: delta += delta_bias, then
+    softplus if ``delta_softplus``; h_t = exp(delta_t A) * h_{t-1} + delta_t B_t u_t (Euler for B), h_0 = 0;
+    y_t = C_t . h_t; y += D u; y *= silu(z). Returns y (B, D, L) float64, and the last state h_L (B, D, N)
+    float64 with ``return_last_state``. Identical to ``selective_scan_ref`` in this case, except that transformers
+    rounds B and u to float32 before the products delta B u (l. 214-215; the products are then float64): a
+    relative error up to about 6e-8. The cases ``selective_scan_ref`` covers beyond this one (complex A, a
+    constant B or C of shape (D, N), grouped B or C of shape (B, G, N, L)) are refused: transformers' torch path
+    drops the imaginary part of a complex state without 2 Re and fails on the other two layouts."""
+    if torch.as_tensor(A).is_complex() or A.dim() != 2 or B.dim() != 3 or C.dim() != 3:
+        raise ValueError("transformers' torch path covers real A (D, N) and input-dependent B, C (B, N, L) only")
+    fn = _torch_path("mamba", "mamba_selective_scan")
+    with torch.no_grad():
+        return fn(_f64(u), _f64(delta), _f64(A), _f64(B), _f64(C), D=_f64(D), z=_f64(z), delta_bias=_f64(delta_bias),
+                  delta_softplus=delta_softplus, return_last_state=return_last_state, use_mambapy=False,
+                  use_associative_scan=False)
+
+
+MAMBA_MIXER_NAMES = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
+                     "dt_proj.bias", "A_log", "D", "out_proj.weight")
+
+
+def mamba_dt_rank(d_model: int, dt_rank="auto") -> int:
+    """Mamba's dt_rank: "auto" is ceil(d_model / 16) (mamba_simple.py l. 58, MambaConfig.__post_init__)."""
+    return math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+
+
+def mamba_mixer_shapes(d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank="auto",
+                       bias: bool = False, conv_bias: bool = True) -> dict:
+    """The parameter names and shapes of Mamba's mixer (mamba_ssm's ``Mamba`` and transformers' ``MambaMixer``,
+    which are the same), d_inner = expand * d_model, R = dt_rank: in_proj (2 d_inner, d_model), the x half first
+    and the gate z second; conv1d (d_inner, 1, d_conv) depthwise, with a bias (d_inner,) by default; x_proj
+    (R + 2 d_state, d_inner), no bias, its output split as (dt, B, C); dt_proj (d_inner, R) with a bias (d_inner,);
+    A_log (d_inner, d_state); D (d_inner,); out_proj (d_model, d_inner). ``bias`` adds in_proj.bias and
+    out_proj.bias (one flag, ``use_bias``, for both)."""
+    d_inner, R = expand * d_model, mamba_dt_rank(d_model, dt_rank)
+    shapes = {"in_proj.weight": (2 * d_inner, d_model), "conv1d.weight": (d_inner, 1, d_conv),
+              "conv1d.bias": (d_inner,), "x_proj.weight": (R + 2 * d_state, d_inner), "dt_proj.weight": (d_inner, R),
+              "dt_proj.bias": (d_inner,), "A_log": (d_inner, d_state), "D": (d_inner,),
+              "out_proj.weight": (d_model, d_inner)}
+    if not conv_bias:
+        del shapes["conv1d.bias"]
+    if bias:
+        shapes |= {"in_proj.bias": (2 * d_inner,), "out_proj.bias": (d_model,)}
+    return shapes
+
+
+def mamba_mixer_module(weights: dict, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                       dt_rank="auto") -> nn.Module:
+    """transformers' ``MambaMixer`` (one layer of ``mamba_config``) in float64 eval mode, carrying ``weights``
+    (strict names and shapes, :func:`mamba_mixer_shapes`; in_proj/out_proj biases and the conv bias follow the
+    keys present). Without mamba_ssm and causal_conv1d it runs its torch path."""
+    use_bias = "in_proj.bias" in weights
+    if use_bias != ("out_proj.bias" in weights):
+        raise ValueError("MambaMixer has biases on both in_proj and out_proj, or on neither (use_bias)")
+    config = mamba_config(d_model, d_state, d_conv, expand, time_step_rank=mamba_dt_rank(d_model, dt_rank),
+                          use_bias=use_bias, use_conv_bias="conv1d.bias" in weights)
+    mixer = hf("mamba", "MambaMixer")(config, layer_idx=0, initialize_mixer_weights=False)
+    mixer.load_state_dict({name: torch.as_tensor(w).detach() for name, w in weights.items()}, strict=True)
+    return mixer.double().eval()
+
+
+def mamba_mixer_reference(weights: dict, d_model: int, d_state: int, d_conv: int, expand: int, dt_rank,
+                          x: torch.Tensor) -> torch.Tensor:
+    """(B, L, d_model) float64: transformers' ``MambaMixer`` (``models/mamba/modeling_mamba.py`` l. 284-482) with
+    ``weights`` (:func:`mamba_mixer_module`), on x (B, L, d_model), no cache, eval mode. The torch path:
+    xz = in_proj(x), split (x, z) along channels; x = silu(causal depthwise conv(x)), the conv padded by d_conv - 1
+    on both sides and its first L outputs kept (``causal_conv1d_fn`` l. 81-98); (dt, B, C) = x_proj(x);
+    delta = dt_proj.weight @ dt, and dt_proj.bias enters the scan as delta_bias with softplus; A =
+    -exp(A_log); then :func:`selective_scan_reference`'s scan with D and z = the gate; out_proj. Mixed precision in
+    float64: A = -exp(A_log.float()), D.float() and dt_proj.bias.float() are rounded to float32 (l. 378, 465, 439),
+    and so are B and u in the scan; the rest, the projections and the conv included, is float64."""
+    mixer = mamba_mixer_module(weights, d_model, d_state, d_conv, expand, dt_rank)
+    with torch.no_grad():
+        return mixer(_f64(x))
+
+
+def mamba_mixer_decode_reference(weights: dict, d_model: int, d_state: int, d_conv: int, expand: int, dt_rank,
+                                 x: torch.Tensor, prefill: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decoding with transformers' ``MambaMixer`` (:func:`mamba_mixer_module`) and its cache, transformers 5's
+    ``DynamicCache(config=...)``: the first max(prefill, 1) tokens of x (B, L, d_model) through the full path, which
+    records the states, then one token per call through ``causal_conv1d_update`` (``modeling_mamba.py`` l. 61-77)
+    and ``mamba_selective_state_update`` (l. 128-170). Returns (y (B, L, d_model), conv_state (B, d_inner,
+    d_conv), ssm_state (B, d_inner, d_state)), float64, the states after the L tokens. conv_state holds the last
+    d_conv inputs of the conv (in_proj's x half, before the conv), zeros before the start of the sequence, the
+    newest in the last column, as mamba_simple's ``Mamba.step`` keeps it (roll left, write x_t at the end,
+    l. 216-217); ssm_state is h_L of the scan. The one-token update computes in float32 (``dt.float()``,
+    ``A.float()``, ``B.float()``, the state), so it agrees with the full forward to about 1e-7 relative."""
+    from transformers.cache_utils import DynamicCache
+
+    mixer = mamba_mixer_module(weights, d_model, d_state, d_conv, expand, dt_rank)
+    x = _f64(x)
+    cache = DynamicCache(config=mixer.config)
+    first = max(1, min(prefill, x.shape[1]))
+    with torch.no_grad():
+        outs = [mixer(x[:, :first], cache_params=cache)]
+        outs += [mixer(x[:, t:t + 1], cache_params=cache) for t in range(first, x.shape[1])]
+    return (torch.cat(outs, dim=1), cache.get_conv_state(0, state_idx=0).to(torch.float64),
+            cache.get_recurrent_state(0, state_idx=0).to(torch.float64))
+
+
+def ssd_reference(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                  chunk_size: int, D: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
+                  return_final_state: bool = False):
+    """Mamba-2's chunked SSD: transformers' pure-PyTorch ``mamba2_chunk_scan`` (``models/mamba2/modeling_mamba2.py``
+    l. 256-361, through :func:`_torch_path`), with no dt_bias, no softplus and no clamp of dt.
+
+    Layouts: x (B, L, H, P), dt (B, L, H), A (H,) one scalar per head, B and C (B, L, G, N), G dividing H, head h
+    reading group h // (H / G). The SSM, per head: h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, a (P, N) state
+    with h_0 = 0 (or ``initial_state`` (B, H, P, N)), y_t = h_t C_t, that is y_t[p] = sum_n C_t[n] h_t[p, n]; the
+    input at t enters y_t undecayed. Plus D[h] x_t if D (H,) is given. L need not be a multiple of chunk_size:
+    transformers pads x, dt A, B and C with zeros to whole chunks (decay exp(0) = 1, input 0), so the padded steps
+    change neither the output, cut back to L, nor the final state. Returns y (B, L, H, P) float64, and the state
+    after step L (B, H, P, N) with ``return_final_state``.
+
+    transformers computes in **float32** whatever the input dtype (x, B, C, dt and A cast with ``.float()``,
+    l. 281-292); the result is cast to float64 here. Its default ``dt_limit`` = (0, inf) clamps a negative dt to 0;
+    this reference passes (-inf, inf), a no-op for the positive dt of a real model."""
+    fn = _torch_path("mamba2", "mamba2_chunk_scan")
+    with torch.no_grad():
+        out = fn(_f64(x), _f64(dt), _f64(A), _f64(B), _f64(C), chunk_size, D=_f64(D), dt_bias=None,
+                 initial_states=_f64(initial_state), dt_softplus=False, dt_limit=(-math.inf, math.inf),
+                 return_final_states=return_final_state)
+    if return_final_state:
+        return out[0].to(torch.float64), out[1].to(torch.float64)
+    return out.to(torch.float64)
+
+
+def ssd_sequential(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
+                   return_final_state: bool = False):
+    """The SSM of :func:`ssd_reference`, one Python step per position, in float64: h_t = exp(dt_t A_h) h_{t-1} +
+    dt_t x_t B_t^T per head, y_t = h_t C_t (+ D_h x_t). Same layouts and returns."""
+    x, dt, A, B, C = (_f64(t) for t in (x, dt, A, B, C))
+    batch, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    if H % G:
+        raise ValueError(f"{G} groups do not divide {H} heads")
+    B, C = B.repeat_interleave(H // G, dim=2), C.repeat_interleave(H // G, dim=2)  # (batch, L, H, N)
+    h = torch.zeros(batch, H, P, N, dtype=torch.float64) if initial_state is None else _f64(initial_state).clone()
+    ys = []
+    for t in range(L):
+        decay = torch.exp(dt[:, t] * A)  # (batch, H)
+        h = decay[..., None, None] * h + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t]))
+    y = torch.stack(ys, dim=1) if ys else torch.zeros(batch, 0, H, P, dtype=torch.float64)
+    if D is not None:
+        y = y + _f64(D)[:, None] * x
+    return (y, h) if return_final_state else y
+
+
+def ssd_selective_scan_layout(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                              C: torch.Tensor) -> dict:
+    """The SSD problem (one group, G = 1) in the per-channel layout of :func:`selective_scan_reference`, float64:
+    channel c = h P + p of D = H P channels; u[b, c, t] = x[b, t, h, p]; delta[b, c, t] = dt[b, t, h];
+    A (D, N) = A[h] on every state; B, C (B, N, L) = the group's B, C transposed. For G > 1 call it on the heads
+    of each group (:func:`ssd_via_selective_scan`)."""
+    x, dt, A, B, C = (_f64(t) for t in (x, dt, A, B, C))
+    batch, L, H, P = x.shape
+    if B.shape[2] != 1 or C.shape[2] != 1:
+        raise ValueError("one group only: call it on the heads of each group")
+    N = B.shape[3]
+    return {"u": x.reshape(batch, L, H * P).transpose(1, 2),
+            "delta": dt.repeat_interleave(P, dim=2).transpose(1, 2),
+            "A": A.repeat_interleave(P)[:, None].expand(H * P, N).contiguous(),
+            "B": B[:, :, 0].transpose(1, 2), "C": C[:, :, 0].transpose(1, 2)}
+
+
+def ssd_via_selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                           C: torch.Tensor) -> torch.Tensor:
+    """y (B, L, H, P) float64 of the SSD problem computed by :func:`selective_scan_reference` (transformers' Mamba-1
+    scan), group by group in the layout of :func:`ssd_selective_scan_layout`: the scalar-A SSM is a selective scan
+    whose A is constant across the states and the channels of a head."""
+    batch, L, H, P = x.shape
+    G = B.shape[2]
+    per_group = H // G
+    ys = []
+    for g in range(G):
+        heads = slice(g * per_group, (g + 1) * per_group)
+        args = ssd_selective_scan_layout(x[:, :, heads], dt[:, :, heads], A[heads], B[:, :, g:g + 1],
+                                         C[:, :, g:g + 1])
+        ys.append(selective_scan_reference(**args).transpose(1, 2).reshape(batch, L, per_group, P))
+    return torch.cat(ys, dim=2)
+
+
+# Published configurations for the memory experiment. Mamba-2.8B: state-spaces/mamba-2.8b's config.json is
+# {"d_model": 2560, "n_layer": 64, "vocab_size": 50277, "ssm_cfg": {}, "pad_vocab_size_multiple": 8, ...}, the
+# defaults of mamba_ssm's MambaConfig (models/config_mamba.py); d_state 16, d_conv 4, expand 2 are the defaults of
+# mamba_ssm's Mamba (modules/mamba_simple.py); state-spaces/mamba-2.8b-hf states them (hidden_size 2560,
+# intermediate_size 5120, state_size 16, conv_kernel 4, time_step_rank 160, vocab 50280 after padding).
+# Pythia-2.8B (EleutherAI/pythia-2.8b, GPTNeoX, the Transformer the Mamba paper compares with): hidden 2560,
+# 32 layers, 32 heads (MHA, head_dim 80), intermediate 10240, vocab 50304, trained at 2048 positions.
+MAMBA_2_8B = {"name": "state-spaces/mamba-2.8b", "d_model": 2560, "n_layer": 64, "d_state": 16, "d_conv": 4,
+              "expand": 2, "dt_rank": 160, "vocab_size": 50277}
+PYTHIA_2_8B = {"name": "EleutherAI/pythia-2.8b", "d_model": 2560, "n_layer": 32, "n_heads": 32, "n_kv_heads": 32,
+               "head_dim": 80, "d_ff": 10240, "vocab_size": 50304, "max_position_embeddings": 2048}
+
+
+def mamba_state_bytes(config: dict, batch: int = 1, bytes_per_element: int = 2) -> int:
+    """The inference state of a Mamba model, independent of the context length: per layer a conv state
+    (batch, d_inner, d_conv) and an SSM state (batch, d_inner, d_state), d_inner = expand * d_model, as mamba_ssm's
+    ``Mamba.allocate_inference_cache`` and transformers' cache allocate them (d_conv columns, of which the last
+    d_conv - 1 suffice). ``bytes_per_element`` 2 for float16/bfloat16, 4 for float32. Mamba-2.8B at 2 bytes:
+    64 * 5120 * (4 + 16) * 2 = 13,107,200 bytes (12.5 MiB)."""
+    d_inner = config["expand"] * config["d_model"]
+    return config["n_layer"] * batch * d_inner * (config["d_conv"] + config["d_state"]) * bytes_per_element
+
+
+def kv_cache_bytes_per_token(config: dict, bytes_per_element: int = 2) -> int:
+    """Keys and values of one token over all layers: 2 * n_layer * n_kv_heads * head_dim * bytes_per_element.
+    Pythia-2.8B at 2 bytes: 2 * 32 * 32 * 80 * 2 = 327,680 bytes (320 KiB)."""
+    return 2 * config["n_layer"] * config["n_kv_heads"] * config["head_dim"] * bytes_per_element
+
+
+def kv_cache_bytes(config: dict, tokens: int, batch: int = 1, bytes_per_element: int = 2) -> int:
+    """A Transformer's KV cache for ``tokens`` positions: linear in the context. Pythia-2.8B at 2 bytes: 8192
+    tokens 2,684,354,560 bytes (2.5 GiB), 131072 tokens 42,949,672,960 (40 GiB); Mamba-2.8B's state is as large
+    as 40 tokens of it."""
+    return tokens * batch * kv_cache_bytes_per_token(config, bytes_per_element)

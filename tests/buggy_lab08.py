@@ -323,7 +323,7 @@ BUGS = {
         (bug(scan_with, "gate_no_silu"), SCAN + r".*the gate multiplies by z: it multiplies by silu\(z\)"),
         (bug(scan_with, "D_after_gate"), SCAN + r".*D u is added after the gate"),
         (bug(scan_with, "B_reshaped"), SCAN + r".*B is read as \(B, L, N\): its layout is \(B, N, L\)"),
-        (scan_calls_transformers, r"your selective_scan calls into transformers; this exercise asks you to write it"),
+        (scan_calls_transformers, r"your selective_scan calls transformers; this exercise asks you to write it"),
     ],
     "08.parallel_scan": [
         (bug(parallel_with, "exclusive"), r"parallel_scan\(a, b\) of shape \(2, 3, 2\).*this is the exclusive scan"),
@@ -352,7 +352,7 @@ BUGS = {
                                          r"\|difference\|.*step: roll conv_state left"),
         (block_step_no_D, r"step, token by token from state=None, against the full forward: .*the skip term D u is "
                           r"missing"),
-        (block_calls_transformers, r"your MambaBlock calls into transformers"),
+        (block_calls_transformers, r"your MambaBlock calls transformers"),
     ],
     "08.ssd_chunked": [
         (bug(ssd_with, "reset"), SSD + r"each chunk starts from a zero state: it forgets the inter-chunk state"),
@@ -361,6 +361,6 @@ BUGS = {
         (bug(ssd_with, "diagonal"), SSD + r"the input at t does not reach y_t"),
         (bug(ssd_with, "no_pad"), r"ssd_chunked\(x \(2, 13, .*chunk_size=4\).*: (shape|raised).*pad L to whole "
                                   r"chunks"),
-        (ssd_calls_transformers, r"your ssd_chunked calls into transformers"),
+        (ssd_calls_transformers, r"your ssd_chunked calls transformers"),
     ],
 }

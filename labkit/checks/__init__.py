@@ -13,7 +13,8 @@ import importlib
 
 # Imported on first use, so that the student's kernel, which the grader gives only the collect side
 # (labkit.checks.kernel), can import it without the verify side.
-_WHERE = {"comparison": ("as_tensor", "assert_bf16_close", "close", "compare", "first_match", "raised"),
+_WHERE = {"comparison": ("as_tensor", "assert_bf16_close", "close", "compare", "first_match", "forbidden_calls",
+                         "raised"),
           "core": ("ATTENTION_BUILTINS", "Check", "HiddenCheck", "check", "checks_of_lab", "define", "define_hidden",
                    "get_check", "hidden_checks", "labs", "table", "table_inputs"),
           "factories": ("additive", "attention_weights", "causal", "doubled", "linear_weights", "mla_weights",

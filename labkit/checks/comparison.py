@@ -15,6 +15,14 @@ from labkit.checks.kernel import RAISED
 Suspects = dict[str, Any]  # diagnosis -> the wrong version's output, or a function of no arguments computing it
 
 
+def forbidden_calls(what: str, out: dict, how: str = "from tensor operations") -> None:
+    """Fail if the student's code called into a forbidden library: ``out["called"]``, which a collect records with
+    :class:`labkit.checks.kernel.PackageCalls`."""
+    if out.get("called"):
+        raise AssertionError(f"your {what} calls {' and '.join(out['called'])}; this exercise asks you to write it "
+                             f"yourself, {how}")
+
+
 def raised(value) -> str:
     """The error message of an :func:`labkit.checks.kernel.attempt` that raised, else ``""``."""
     return value[RAISED] if isinstance(value, dict) and set(value) == {RAISED} else ""

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from labkit.checks import (ATTENTION_BUILTINS, as_tensor, attention_weights, close, compare, define, first_match,
-                           raised, references as ref, seeded_generator)
+                           forbidden_calls, raised, references as ref, seeded_generator)
 from labkit.checks.kernel import PackageCalls, PeakTensorMemory, attempt, build, load_state, run_cases
 from labkit.data import minilm_files
 
@@ -34,13 +34,6 @@ from labkit.data import minilm_files
 def randint(g: torch.Generator, low: int, high: int) -> int:
     """A Python int in [low, high]."""
     return int(torch.randint(low, high + 1, (1,), generator=g))
-
-
-def no_forbidden_calls(what: str, out: dict, how: str = "from tensor operations") -> None:
-    """The packages the student's code called into, as the collect's profile hook saw them, fail the check."""
-    if out.get("called"):
-        raise AssertionError(f"your {what} calls {' and '.join(out['called'])}; this exercise asks you to write it "
-                             f"yourself, {how}")
 
 
 # ---------------------------------------------------------------- 1. BM25, as rank_bm25's BM25Okapi scores it
@@ -169,7 +162,7 @@ BM25_HINT = ("score(D) = sum over the query's tokens (repeats included) of idf *
 
 @define("07.bm25", bm25_inputs, bm25_collect)
 def bm25(inputs: dict, out: dict) -> str:
-    no_forbidden_calls("BM25", out)
+    forbidden_calls("BM25", out)
     for case, got in zip(inputs["cases"], out["cases"], strict=True):
         corpus, (k1, b, epsilon) = case["corpus"], (case["params"][name] for name in ("k1", "b", "epsilon"))
         okapi = ref.bm25_okapi(corpus, k1, b, epsilon)
@@ -333,7 +326,7 @@ def check_search(what: str, got, x: torch.Tensor, q: torch.Tensor, k: int, metri
 
 @define("07.dense_index", dense_inputs, dense_collect)
 def dense_index(inputs: dict, out: dict) -> str:
-    no_forbidden_calls("DenseIndex", out)
+    forbidden_calls("DenseIndex", out)
     for case, results in zip(inputs["cases"], out["results"], strict=True):
         x, q, metric = case["x"], case["q"], case["init"]["metric"]
         chunk = case["init"].get("chunk", 4096)
@@ -458,7 +451,7 @@ def embed_suspects(texts: list[str], want: torch.Tensor, batch_size: int) -> dic
 
 @define("07.embed", embed_inputs, embed_collect)
 def embed(inputs: dict, out: dict) -> str:
-    no_forbidden_calls("embed (its default path, sentence_transformers=False)", out,
+    forbidden_calls("embed (its default path, sentence_transformers=False)", out,
                        "with Lab 1b's encoder and tokenizer (encoder, tokenizer = labkit.nn.load_minilm())")
     for call, got in zip(inputs["calls"], out["outputs"], strict=True):
         texts, batch_size = call["texts"], call["kwargs"].get("batch_size", 64)

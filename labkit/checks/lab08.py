@@ -19,19 +19,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from labkit.checks import as_tensor, compare, define, linear_weights, raised, references as ref, seeded_generator
+from labkit.checks import (as_tensor, compare, define, forbidden_calls, linear_weights, raised, references as ref,
+                           seeded_generator)
 from labkit.checks.kernel import PackageCalls, attempt, build
 
 
 def uniform(g: torch.Generator, low: float, high: float, *shape: int) -> torch.Tensor:
     return low + (high - low) * torch.rand(*shape, generator=g)
-
-
-def no_transformers(what: str, out: dict) -> None:
-    """A call into transformers' code while the student's code ran (the collect's profile hook) fails the check."""
-    if out.get("called"):
-        raise AssertionError(f"your {what} calls into {' and '.join(out['called'])}; this exercise asks you to write "
-                             "it yourself, from tensor operations")
 
 
 def relative(got, bug: torch.Tensor, rtol: float = 1e-4) -> torch.Tensor:
@@ -379,7 +373,7 @@ SCAN_HINT = ("delta (+ delta_bias, then softplus); h_t = exp(delta_t A) h_{t-1} 
 
 @define("08.selective_scan", scan_inputs, scan_collect)
 def selective_scan(inputs: dict, out: dict) -> str:
-    no_transformers("selective_scan", out)
+    forbidden_calls("selective_scan", out)
     for case, got in zip(inputs["cases"], out["outputs"], strict=True):
         what, args, kwargs = case["what"], case["args"], dict(case["kwargs"])
         y, h = pair(f"{what} with return_last_state=True", got)
@@ -618,7 +612,7 @@ def state_part(what: str, state, i: int, shape: tuple):
 
 @define("08.mamba_block", block_inputs, block_collect)
 def mamba_block(inputs: dict, out: dict) -> str:
-    no_transformers("MambaBlock", out)
+    forbidden_calls("MambaBlock", out)
     for case, got in zip(inputs["cases"], out["cases"], strict=True):
         what, config, W, x = case["what"], case["config"], case["weights"], case["x"]
         want_shapes = ref.mamba_mixer_shapes(**config)
@@ -712,7 +706,7 @@ SSD_HINT = ("pad L to whole chunks with zeros (L need not be a multiple of chunk
 
 @define("08.ssd_chunked", ssd_inputs, ssd_collect)
 def ssd_chunked(inputs: dict, out: dict) -> str:
-    no_transformers("ssd_chunked", out)
+    forbidden_calls("ssd_chunked", out)
     for case, got in zip(inputs["cases"], out["outputs"], strict=True):
         x, dt, A, B, C, chunk = case["args"]
         how = case["reference"]

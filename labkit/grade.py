@@ -242,7 +242,8 @@ def rebuild(submission: nbformat.NotebookNode, lab: nbformat.NotebookNode,
     and keeps its code. Student cells are matched to lab cells by cell id, or markdown cells by
     identical text; a cell with no match stays where it was, after the matched cell before it. Check
     cells always come from the lab, deleted ones too; other deleted cells stay deleted (restoring an
-    exercise's stub after the student's own version would undo their work).
+    exercise's stub after the student's own version would undo their work). Nothing after the lab's last
+    check cell is kept: the experiments there earn no points, so the grader does not spend time running them.
     """
     pristine = {_check_id(c): c.source for c in lab.cells if _check_id(c)}
     ids = {cell.get("id"): i for i, cell in enumerate(lab.cells)}
@@ -261,13 +262,15 @@ def rebuild(submission: nbformat.NotebookNode, lab: nbformat.NotebookNode,
             after.setdefault(match, [])
         else:
             after[anchor].append(cell)
+    last_check = max((i for i, cell in enumerate(lab.cells) if _check_id(cell)), default=len(lab.cells) - 1)
     cells = [_clean(c) for c in after[-1]]
-    for i, lab_cell in enumerate(lab.cells):
+    for i, lab_cell in enumerate(lab.cells[:last_check + 1]):
         if _check_id(lab_cell):
             cells.append(_clean(lab_cell, check=True))
         elif i in kept:
             cells.append(_clean(kept[i]))
-        cells.extend(_clean(c) for c in after.get(i, []))
+        if i < last_check:
+            cells.extend(_clean(c) for c in after.get(i, []))
     rebuilt = nbformat.v4.new_notebook(cells=cells + [_clean(c, check=True) for c in extra_cells])
     rebuilt.metadata = {"kernelspec": KERNELSPEC, "language_info": {"name": "python"},
                         "labkit": dict(lab.metadata.get("labkit", {}))}

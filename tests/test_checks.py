@@ -122,3 +122,15 @@ def test_hidden_check_passes_on_the_solution(lab, hidden):
         with kernel.forbidding(hidden.forbid):
             outputs = kernel_only(hidden.collect)(inputs, *student)
         assert hidden.verdict(inputs, outputs).startswith(f"✔ {hidden.id}")
+
+
+def test_compare_keeps_imaginary_parts():
+    """A complex tensor is compared as complex: an imaginary part that differs, or is missing, is a difference."""
+    from labkit.checks.comparison import close
+
+    want = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64)
+    assert close(want.clone(), want)
+    assert not close(torch.tensor([1 - 2j, 3 - 1j]), want)  # the conjugate
+    assert not close(want.real, want)  # the real part alone
+    assert not close(want, want.real)  # a complex result where a real one is expected
+    assert close(torch.complex(want.real, torch.zeros(2)), want.real)

@@ -47,7 +47,7 @@ def close(got, want, atol: float = 1e-5) -> bool:
 def compare(what: str, got, want, atol: float = 1e-5, hint: str = "", suspects: Suspects | None = None) -> None:
     """Raise an ``AssertionError`` unless ``got`` matches ``want`` within ``atol``.
 
-    ``want`` is a tensor (compared in float64) or a plain value (an int or string must be equal, a
+    ``want`` is a tensor (compared in float64, or complex128 if either side is complex) or a plain value (an int or string must be equal, a
     float within ``atol``). On failure the message names ``what``, the problem, and either the first
     suspect that ``got`` matches (a recognised bug) or the ``hint``.
     """
@@ -65,7 +65,8 @@ def _tensor_problem(got, want: torch.Tensor, atol: float) -> str:
         return f"expected a tensor, got {type(got).__name__}"
     if got.shape != want.shape:
         return f"shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-    got, want = got.detach().cpu().double(), want.detach().cpu().double()
+    kind = torch.complex128 if got.is_complex() or want.is_complex() else torch.float64  # keep imaginary parts
+    got, want = got.detach().cpu().to(kind), want.detach().cpu().to(kind)
     if not torch.isfinite(got).all():
         bad = tuple(torch.nonzero(~torch.isfinite(got))[0].tolist())
         return f"non-finite value {got[bad].item()} at index {bad}"

@@ -40,7 +40,7 @@ def hf(model: str, *names: str):
 
 def preload() -> None:
     """Import every module a reference may need, now: the grader does it before any kernel runs."""
-    for model in ("llama", "mistral", "mixtral", "qwen2_moe", "mamba", "gpt2", "bert", "t5", "deepseek_v3"):
+    for model in ("llama", "mistral", "mixtral", "qwen2_moe", "mamba", "mamba2", "gpt2", "bert", "t5", "deepseek_v3"):
         hf(model, "__name__")
     sentence_transformers()
     import tokenizers  # noqa: F401

@@ -1310,3 +1310,235 @@ def kv_cache_bytes(config: dict, tokens: int, batch: int = 1, bytes_per_element:
     tokens 2,684,354,560 bytes (2.5 GiB), 131072 tokens 42,949,672,960 (40 GiB); Mamba-2.8B's state is as large
     as 40 tokens of it."""
     return tokens * batch * kv_cache_bytes_per_token(config, bytes_per_element)
+
+
+# ---------------------------------------------------------------- Lab 9: model merging
+# mergekit 0.1.5 (installed --no-deps) and peft 0.21.2. Line numbers of mergekit refer to
+# site-packages/mergekit/, of peft to site-packages/peft/utils/merge_utils.py. Notes: tests/lab09_reference_notes.md.
+def _mergekit(module: str):
+    """``mergekit.<module>``, imported under the lock (its merge methods import pydantic, not transformers)."""
+    with IMPORT_LOCK:
+        return importlib.import_module(f"mergekit.{module}")
+
+
+def mergekit_merge(tensors, method: str, parameters: dict, base_index: int | None = None) -> torch.Tensor:
+    """One output tensor from mergekit's public ``merge_tensors(tensors, method, parameters=..., base_index=...)``
+    (``merge_methods/api.py`` l. 23-50): no merge configuration, no Task graph. Inputs are promoted to a common
+    dtype (``merge_methods/dtype.py``), so float64 inputs compute in float64 except where noted."""
+    merge_tensors = _mergekit("merge_methods").merge_tensors
+    with torch.no_grad():
+        return merge_tensors([torch.as_tensor(t) for t in tensors], method, parameters=parameters,
+                             base_index=base_index)
+
+
+def _ones(weights, n: int) -> list[float]:
+    return [1.0] * n if weights is None else [float(w) for w in weights]
+
+
+def mergekit_linear(tensors, weights=None, normalize: bool = True) -> torch.Tensor:
+    """mergekit's "linear": sum_i w_i theta_i, divided by sum_i w_i when ``normalize`` (its default)
+    (``merge_methods/linear.py`` l. 20-38). In float32 unless the inputs are float64 (l. 28)."""
+    return mergekit_merge(tensors, "linear", {"weight": _ones(weights, len(tensors)), "normalize": normalize})
+
+
+def mergekit_task_arithmetic(base, tensors, weights=None, lam: float = 1.0, normalize: bool = False) -> torch.Tensor:
+    """mergekit's "task_arithmetic": base + lam * sum_i w_i (theta_i - base); ``normalize`` (default False,
+    ``registry.py`` l. 60-68) divides the sum by sum_i w_i (by 1 where |sum| < 1e-8)
+    (``generalized_task_arithmetic.py`` l. 117-124, 136-145). ``weight`` has no default in mergekit."""
+    return mergekit_merge([base, *tensors], "task_arithmetic", {"weight": _ones(weights, len(tensors)),
+                                                                 "lambda": lam, "normalize": normalize}, base_index=0)
+
+
+def mergekit_ties(base, tensors, density, weights=None, lam: float = 1.0, normalize: bool = True,
+                  rescale: bool = False) -> torch.Tensor:
+    """mergekit's "ties" (``generalized_task_arithmetic.py`` l. 91-145, ``registry.py`` l. 69-77): each task
+    vector theta_i - base trimmed by :func:`mergekit_trim` (``density`` a float or one per model); multiplied by
+    its weight w_i; the sign elected from the **weighted** sum, sign(sum_i w_i tau_i) with 0 counted as +
+    (:func:`mergekit_sign_mask`); then sum of the agreeing w_i tau_i divided, ``normalize`` (default True), by the
+    **sum of the agreeing weights** (1 where that is 0), times ``lam`` ("lambda"), added to base. A zero entry
+    (sign 0) never agrees. ``rescale`` L1-rescales each trimmed vector (:func:`mergekit_rescale`)."""
+    return mergekit_merge([base, *tensors], "ties", {"weight": _ones(weights, len(tensors)), "density": density,
+                                                     "lambda": lam, "normalize": normalize, "rescale": rescale},
+                          base_index=0)
+
+
+def mergekit_trim(tensor: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """mergekit's magnitude trim of one tensor (``sparsify.py`` ``magnitude`` l. 56-78): density >= 1 returns it,
+    density <= 0 zeros; else keeps the k = max(1, int(density * numel)) entries of largest |x| (``int`` truncates:
+    int(0.29 * 100) = 28), per tensor, ranked by ``argsort(descending=True)`` of |x| **cast to float32 on the
+    CPU** (l. 71-74): ties at the threshold, and float64 values equal in float32, go to whichever argsort lists
+    first. ``rescale`` multiplies the kept entries by ||x||_1 / ||kept||_1."""
+    sparsify = _mergekit("sparsify")
+    return sparsify.magnitude(tensor, density, sparsify.RescaleNorm.l1 if rescale else None)
+
+
+def mergekit_sign_mask(deltas: torch.Tensor, method: str = "sum") -> torch.Tensor:
+    """mergekit's ``get_mask`` (``generalized_task_arithmetic.py`` l. 148-172) on stacked (already weighted) task
+    vectors (n, ...): True where sign(delta) equals the elected sign, +1 where sum_i delta_i >= 0 ("sum", TIES)
+    or where sum_i sign(delta_i) >= 0 ("count"), else -1. Zeros (sign 0) are never True."""
+    return _mergekit("merge_methods.generalized_task_arithmetic").get_mask(deltas, method=method)
+
+
+def mergekit_slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8,
+                   dot_threshold: float = 0.9995) -> torch.Tensor:
+    """mergekit's ``slerp`` (``merge_methods/slerp.py`` l. 20-78) on the whole tensors, flattened: a at t = 0,
+    b at t = 1. cos = <a/|a|, b/|b|> clamped to [-1, 1], a norm <= eps taken as 1 (the tensor is not normalised,
+    l. 54-55); if |cos| > dot_threshold (strict), (1 - t) a + t b; else, theta = acos(cos),
+    sin((1 - t) theta) / sin(theta) * a + sin(t theta) / sin(theta) * b: the coefficients come from the
+    directions but multiply the **raw** a and b, so the result keeps neither a unit norm nor the interpolated
+    norm (1 - t)|a| + t|b| (orthogonal a, b of norms 1 and 3 at t = 0.5: sqrt(5) = 2.236, not 2). Float32 unless
+    the inputs are float64 (l. 34). Called directly, mergekit's ``slerp`` treats dim 0 as a batch of separate
+    vectors (one angle per row); the merge method packs one tensor as a batch of one (``batching.py`` l. 60-63),
+    as here."""
+    slerp = _mergekit("merge_methods.slerp").slerp
+    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        return slerp(torch.tensor(float(t), dtype=dtype), a[None], b[None], dot_threshold=dot_threshold, eps=eps)[0]
+
+
+def mergekit_state_dicts(state_dicts, method: str, parameters: dict, base: int | None = None) -> dict:
+    """mergekit's ``merge_state_dicts`` (``merge_methods/api.py`` l. 53-155) on the float entries, and the
+    non-float entries copied from ``state_dicts[base or 0]``, the lab's convention. mergekit itself copies a
+    non-float buffer only when it is equal in every input and raises ValueError otherwise (``buffers.py``)."""
+    first = state_dicts[base or 0]
+    floats = [k for k, v in first.items() if torch.is_floating_point(v)]
+    merge = _mergekit("merge_methods").merge_state_dicts
+    with torch.no_grad():
+        merged = merge([{k: sd[k] for k in floats} for sd in state_dicts], method, parameters=parameters, base=base)
+    return {k: merged[k] if k in merged else first[k].clone() for k in first}
+
+
+def dare_mask(shape, drop_rate: float, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """DARE's keep-mask (bool) as both libraries draw it, from a fresh ``torch.Generator().manual_seed(seed)``:
+    ``torch.bernoulli(torch.full(shape, 1 - drop_rate, dtype=dtype))``, which equals
+    ``torch.rand(shape, dtype=dtype) < 1 - drop_rate`` with the same generator. mergekit draws in float32 on the
+    CPU whatever the tensor's dtype (``sparsify.py`` l. 124-132), peft in the tensor's dtype
+    (``merge_utils.py`` l. 68): for a float64 tensor the two masks differ. Both use the global generator."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(torch.full(tuple(shape), 1 - drop_rate, dtype=dtype), generator=generator).bool()
+
+
+def _seeded(seed: int, fn):
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # the global CPU generator, restored afterwards
+        torch.manual_seed(seed)
+        return fn()
+
+
+def mergekit_dare(vector: torch.Tensor, drop_rate: float, seed: int, rescale: bool = True) -> torch.Tensor:
+    """mergekit's DARE drop of one task vector (``sparsify.py`` ``bernoulli`` l. 118-134) after
+    ``torch.manual_seed(seed)``: keep-mask :func:`dare_mask` (float32), then, ``rescale`` (True in "dare_linear"
+    and "dare_ties", ``registry.py`` l. 78-95), the kept entries times ||v||_1 / ||kept||_1, **not** 1 / (1 - p)
+    (:func:`mergekit_rescale`). Computed in float32 for a float32 or float64 vector, cast back (a relative error
+    up to about 1e-7 in float64)."""
+    sparsify = _mergekit("sparsify")
+    return _seeded(seed, lambda: sparsify.sparsify(vector, 1 - drop_rate, sparsify.SparsificationMethod.random,
+                                                   rescale_norm=sparsify.RescaleNorm.l1 if rescale else None))
+
+
+def mergekit_rescale(vector: torch.Tensor, mask: torch.Tensor, norm: str = "l1") -> torch.Tensor:
+    """mergekit's ``rescaled_masked_tensor`` (``sparsify.py`` l. 23-53) given the mask, in the vector's dtype:
+    v * mask * (||v|| / ||v * mask||) in the L1 (or "l2", "linf") norm, and v * mask unscaled when either norm is
+    below 1e-7 (everything dropped included)."""
+    sparsify = _mergekit("sparsify")
+    return sparsify.rescaled_masked_tensor(vector, mask.to(vector.dtype), sparsify.RescaleNorm(norm))
+
+
+@functools.lru_cache(maxsize=1)
+def peft_merge_utils():
+    """peft's ``peft/utils/merge_utils.py`` (peft 0.21.2), loaded by path without importing the peft package
+    (it imports only torch and warnings): ``ties``, ``dare_linear``, ``dare_ties``, ``prune``,
+    ``magnitude_based_pruning``, ``random_pruning``, ``calculate_majority_sign_mask``, ``disjoint_merge``, ...
+    ``importlib.util.find_spec("peft")`` finds the installed package without running its ``__init__``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("peft")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("peft is not installed (requirements.txt pins peft==0.21.2)")
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "utils", "merge_utils.py")
+    module_spec = importlib.util.spec_from_file_location("labkit_peft_merge_utils", path)
+    module = importlib.util.module_from_spec(module_spec)
+    with IMPORT_LOCK:
+        module_spec.loader.exec_module(module)
+    return module
+
+
+def _peft_deltas(base, tensors, weights):
+    deltas = [torch.as_tensor(t) - base for t in tensors]
+    return deltas, torch.tensor(_ones(weights, len(deltas)), dtype=deltas[0].dtype)
+
+
+def peft_ties(base, tensors, density: float, weights=None, majority_sign_method: str = "total") -> torch.Tensor:
+    """base + peft's ``ties`` (``merge_utils.py`` l. 185-214) of the task vectors theta_i - base. peft trims with
+    k = int(density * numel) (no max(1, .): 0 keeps nothing) by ``torch.topk`` (l. 37-53); elects the sign from
+    the **unweighted** trimmed sum ("total", l. 117-125; "frequency" counts signs), 0 counted as +; then
+    multiplies by the weights and divides the agreeing sum by the **count** of agreeing entries (clamped to 1,
+    ``disjoint_merge`` l. 128-141). No lambda. peft itself returns the delta (its ``add_weighted_adapter`` merges
+    LoRA factors with it); density >= 1 warns and does not trim."""
+    deltas, w = _peft_deltas(base, tensors, weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return base + peft_merge_utils().ties(deltas, w, density, majority_sign_method)
+
+
+def peft_dare(vector: torch.Tensor, drop_rate: float, seed: int) -> torch.Tensor:
+    """peft's random pruning with rescale (``merge_utils.py`` ``random_pruning`` l. 56-72) after
+    ``torch.manual_seed(seed)``: keep-mask :func:`dare_mask` drawn **in the vector's dtype**, kept entries divided
+    by density = 1 - drop_rate (the DARE paper's 1 / (1 - p)). drop_rate = 1 gives 0 / 0 = NaN."""
+    return _seeded(seed, lambda: peft_merge_utils().random_pruning(vector, 1 - drop_rate, rescale=True))
+
+
+def peft_dare_merge(base, tensors, drop_rate: float, seed: int, weights=None, ties: bool = False,
+                    majority_sign_method: str = "total") -> torch.Tensor:
+    """base + peft's ``dare_linear`` (l. 217-236: sum_i w_i dare(tau_i)) or, ``ties``, ``dare_ties``
+    (l. 239-268: unweighted sign election and count divisor, as :func:`peft_ties`), after
+    ``torch.manual_seed(seed)``: the task vectors' masks are drawn one after the other from that one stream."""
+    deltas, w = _peft_deltas(base, tensors, weights)
+    pmu = peft_merge_utils()
+    if ties:
+        return base + _seeded(seed, lambda: pmu.dare_ties(deltas, w, 1 - drop_rate, majority_sign_method))
+    return base + _seeded(seed, lambda: pmu.dare_linear(deltas, w, 1 - drop_rate))
+
+
+def mergekit_dare_merge(base, tensors, drop_rate: float, seed: int, weights=None, ties: bool = False,
+                        lam: float = 1.0, normalize: bool = False, rescale: bool = True) -> torch.Tensor:
+    """mergekit's "dare_linear" or, ``ties``, "dare_ties" (``registry.py`` l. 78-95; defaults rescale True,
+    normalize **False** for both) after ``torch.manual_seed(seed)``: :func:`mergekit_dare` of each task vector in
+    turn from that one stream, times its weight, the weighted sign election of :func:`mergekit_ties` for
+    "dare_ties", summed (divided by the agreeing weights only if ``normalize``), times ``lam``, plus base."""
+    parameters = {"weight": _ones(weights, len(tensors)), "density": 1 - drop_rate, "lambda": lam,
+                  "normalize": normalize, "rescale": rescale}
+    method = "dare_ties" if ties else "dare_linear"
+    return _seeded(seed, lambda: mergekit_merge([base, *tensors], method, parameters, base_index=0))
+
+
+def permute_hidden(model: nn.Sequential, perm) -> nn.Sequential:
+    """A copy of a Linear-ReLU-Linear MLP whose hidden unit j is the old unit perm[j]: rows of the first layer's
+    weight and bias, columns of the second's. It computes the same function."""
+    import copy
+
+    out = copy.deepcopy(model)
+    perm = torch.as_tensor(perm)
+    with torch.no_grad():
+        out[0].weight.copy_(model[0].weight[perm])
+        out[0].bias.copy_(model[0].bias[perm])
+        out[2].weight.copy_(model[2].weight[:, perm])
+    return out
+
+
+def weight_matching_brute_force(a: nn.Sequential, b: nn.Sequential) -> tuple[tuple[int, ...], nn.Sequential]:
+    """Git Re-Basin's weight matching (Ainsworth et al. 2023, Algorithm 2) solved exactly for a Linear-ReLU-Linear
+    MLP by trying every permutation of b's hidden units (width <= 8): the perm maximising
+    sum_j <W1a[j], W1b[perm[j]]> + b1a[j] b1b[perm[j]] + <W2a[:, j], W2b[:, perm[j]]>, and b permuted by it
+    (:func:`permute_hidden`). With one hidden layer the problem is one linear assignment, so a correct
+    ``linear_sum_assignment`` gives this optimum. No library of this course implements it."""
+    import itertools
+
+    W1a, b1a, W2a = (t.detach().double() for t in (a[0].weight, a[0].bias, a[2].weight))
+    W1b, b1b, W2b = (t.detach().double() for t in (b[0].weight, b[0].bias, b[2].weight))
+    score = W1a @ W1b.T + b1a[:, None] * b1b[None, :] + W2a.T @ W2b  # [j, k]: a's unit j against b's unit k
+    n = score.shape[0]
+    if n > 8:
+        raise ValueError("brute force over at most 8 hidden units")
+    rows = score.tolist()
+    best = max(itertools.permutations(range(n)), key=lambda p: sum(rows[j][k] for j, k in enumerate(p)))
+    return best, permute_hidden(b, best)

@@ -1542,3 +1542,58 @@ def weight_matching_brute_force(a: nn.Sequential, b: nn.Sequential) -> tuple[tup
     rows = score.tolist()
     best = max(itertools.permutations(range(n)), key=lambda p: sum(rows[j][k] for j, k in enumerate(p)))
     return best, permute_hidden(b, best)
+
+
+# ---------------------------------------------------------------- Lab 9: the checks' own references
+def dare_masks(shapes, drop_rate: float, seed: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """The keep-masks (bool) of the lab's DARE rule for a dict of tensors of ``shapes``, in order: one
+    ``torch.Generator().manual_seed(seed)`` for the whole dict, and for each tensor mergekit's draw
+    ``torch.bernoulli(torch.full(shape, 1 - drop_rate, dtype=dtype))`` from it (:func:`dare_mask`, continued
+    from one stream). It equals ``torch.rand(shape, generator=g) < 1 - drop_rate`` tensor by tensor: bernoulli
+    draws one uniform per entry, as rand does (``tests/lab09_reference_notes.md``, section 4; measured for
+    probabilities 0, 0.05, 0.7 and 1, empty tensors included)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.bernoulli(torch.full(tuple(shape), 1 - drop_rate, dtype=dtype), generator=generator).bool()
+            for shape in shapes]
+
+
+def mergekit_slerp_rows(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """mergekit's ``slerp`` function called directly on 2-D tensors, which treats dim 0 as a batch: one angle per
+    row (``merge_methods/slerp.py`` l. 35). Not what its merge does (the whole tensor): a wrong version, for
+    diagnoses."""
+    slerp = _mergekit("merge_methods.slerp").slerp
+    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        return slerp(torch.tensor(float(t), dtype=dtype), a, b)
+
+
+@functools.lru_cache(maxsize=8)
+def all_permutations(n: int) -> torch.Tensor:
+    """Every permutation of range(n), one per row (n! x n, long), cached."""
+    import itertools
+
+    return torch.tensor(list(itertools.permutations(range(n))), dtype=torch.long).view(-1, n)
+
+
+def assignment_brute_force(score: torch.Tensor, maximize: bool = True) -> tuple[tuple[int, ...], float]:
+    """The permutation p maximising (or minimising) sum_j score[j, p[j]] of a square matrix, by trying every one
+    (n <= 8), and that sum: the exact linear assignment, with no solver."""
+    n = score.shape[0]
+    if n > 8:
+        raise ValueError("brute force over at most 8 units")
+    perms = all_permutations(n)
+    totals = score.double()[torch.arange(n), perms].sum(-1)
+    best = int(totals.argmax() if maximize else totals.argmin())
+    return tuple(perms[best].tolist()), float(totals[best])
+
+
+def mlp_forward(weights: dict, x: torch.Tensor) -> torch.Tensor:
+    """An ``nn.Sequential(Linear, ReLU, ..., Linear)`` given by its state dict ("0.weight", "0.bias", "2.weight",
+    ...), applied to x in float64 with ``F.linear`` and ``F.relu``."""
+    layers = sorted({int(k.split(".")[0]) for k in weights})
+    h = x.double()
+    for i, layer in enumerate(layers):
+        h = F.linear(h, weights[f"{layer}.weight"].double(), weights[f"{layer}.bias"].double()
+                     if f"{layer}.bias" in weights else None)
+        h = F.relu(h) if i < len(layers) - 1 else h
+    return h

@@ -101,7 +101,7 @@ def zoh_suspects(A: torch.Tensor, B: torch.Tensor, dt: float, scale: float) -> d
         "this is the bilinear transform's B_bar = dt B / (1 - dt A / 2): the exercise is the zero-order hold":
         lambda: one(dt * B / (1 - dtA / 2)),
         "exp(dt A) - 1 loses its digits when dt A is small (cancellation): use torch.expm1(dt A)":
-        lambda: one(torch.where(A == 0, dt * B, (torch.exp(dtA) - 1) / safe * B)) if A.dtype == torch.float32 else None}
+        lambda: one(torch.where(A == 0, dt * B, (torch.exp(dtA) - 1) / safe * B))}
 
 
 ZOH_HINT = "A_bar = exp(dt A); B_bar = expm1(dt A) / A * B, and its limit dt B where A = 0 (torch.where)"
@@ -184,6 +184,9 @@ def modes_suspects(u, A_bar, B_bar, C) -> dict:
         "sides), so y_k reads later inputs; keep the first L": lambda: convolution_variant(u, K, "centre"),
         "this convolution keeps the last L outputs of the full convolution: keep the first L":
         lambda: convolution_variant(u, K, "last")}
+    if not complex_:
+        suspects["this is 2 Re(.) of a real system: 2 Re(.) adds up the conjugate pairs of a complex system; a real "
+                 "system's output is y itself"] = 2 * want
     if complex_:
         suspects |= {
             "this is Re(.) of the complex system: N/2 modes stand for N real states in conjugate pairs, whose outputs "
@@ -240,6 +243,9 @@ def s4d_suspects(A, B, C, dt, L) -> dict:
     if A.is_complex():
         suspects["this is Re(.): N/2 modes stand for N real states in conjugate pairs, 2 Re(.)"] = lambda: K(
             A_bar, B_bar) / 2
+    else:
+        suspects["this is 2 Re(.) of a real A: 2 Re(.) adds up the conjugate pairs of complex modes; a real A's kernel "
+                 "is the sum itself"] = lambda: 2 * K(A_bar, B_bar)
     return suspects
 
 
@@ -289,10 +295,25 @@ def scan_inputs(seed: int, cases=SCAN_CASES) -> dict:
 
 
 def scan_collect(inputs: dict, selective_scan) -> dict:
-    """Each case's (y, last state), and the packages of ``inputs["forbidden"]`` that the student's code called."""
+    """Each case's (y, last state), the names of the tensors the call changed in place ("" if none; it gets
+    copies), and the packages of ``inputs["forbidden"]`` that the student's code called."""
+    outputs, changed = [], []
     with PackageCalls(inputs["forbidden"]) as calls, torch.no_grad():
-        outputs = [attempt(selective_scan, **case["args"], **case["kwargs"]) for case in inputs["cases"]]
-    return {"outputs": outputs, "called": calls.called}
+        for case in inputs["cases"]:
+            given = case["args"] | case["kwargs"]
+            copies = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in given.items()}
+            outputs.append(attempt(selective_scan, **copies))
+            changed.append(", ".join(k for k, v in copies.items() if isinstance(v, torch.Tensor)
+                                     and not (v.shape == given[k].shape and torch.equal(v, given[k]))))
+    return {"outputs": outputs, "changed": changed, "called": calls.called}
+
+
+def unchanged(what: str, changed: str, fix: str) -> None:
+    """Fail if the student's call changed its arguments ``changed`` (names, "" if none) in place."""
+    if changed:
+        raise AssertionError(f"{what}: changed {changed} in place (an in-place operation such as +=, *= or a slice "
+                             f"assignment on the tensor it was given): the caller's tensors must stay as they were; "
+                             f"{fix}")
 
 
 def scan_variant(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, bug: str = ""):
@@ -305,9 +326,11 @@ def scan_variant(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
         B = B.reshape(batch, L, N).transpose(1, 2)
     if bug == "C_reshaped":
         C = C.reshape(batch, L, N).transpose(1, 2)
-    if delta_bias is not None and bug != "bias_after":
+    if delta_bias is not None and bug not in ("bias_after", "no_bias"):
         delta = delta + delta_bias[:, None]
-    if delta_softplus and bug != "no_softplus":
+    if (delta_softplus or bug == "softplus_always") and bug != "no_softplus":
+        delta = F.softplus(delta)
+    if delta_softplus and bug == "softplus_twice":
         delta = F.softplus(delta)
     if delta_bias is not None and bug == "bias_after":
         delta = delta + delta_bias[:, None]
@@ -317,18 +340,20 @@ def scan_variant(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     dA = torch.exp(A[None, :, None, :] if bug == "exp_A" else delta[..., None] * A[:, None, :])  # (B, D, L, N)
     dA = dA.expand(batch, -1, L, -1)
     step = torch.expm1(delta[..., None] * A[:, None, :]) / A[:, None, :] if bug == "zoh_B" else delta[..., None]
+    step = 1 if bug == "no_delta_input" else step
     dBu = step * B.transpose(1, 2)[:, None] * u[..., None]  # (B, D, L, N)
     h = torch.zeros(batch, u.shape[1], N, dtype=torch.float64)
-    ys = []
+    ys, before = [], h
     for t in range(L):
         before = h
         h = dA[:, :, t] * h + (0 if bug == "skip_first" and t == 0 else dBu[:, :, t])
         ys.append(((before if bug == "previous" else h) * C[:, None, :, t]).sum(-1))
     y = torch.stack(ys, dim=-1)
+    h = before if bug == "last_before" else h
     if D is not None and bug not in ("no_D", "D_after_gate"):
         y = y + D[:, None] * u
     if z is not None and bug != "gate_before":
-        y = y * (z if bug == "gate_no_silu" else F.silu(z))
+        y = y * {"gate_no_silu": z, "gate_sigmoid": torch.sigmoid(z)}.get(bug, F.silu(z))
     if D is not None and bug == "D_after_gate":
         y = y + D[:, None] * u
     return y, h
@@ -339,22 +364,33 @@ SCAN_BUGS = {
     "neg_exp": "A is negated and exponentiated again: the caller passes A = -exp(A_log) already; use A as it is",
     "zoh_B": "this is the ZOH's B_bar = (exp(delta A) - 1) / A B: Mamba takes Euler's delta B u for the input",
     "no_softplus": "softplus is missing: with delta_softplus=True, delta = softplus(delta + delta_bias)",
+    "softplus_always": "softplus is applied although delta_softplus=False: delta = softplus(delta + delta_bias) only "
+                       "with delta_softplus=True, else delta + delta_bias",
+    "softplus_twice": "softplus is applied twice: delta = softplus(delta + delta_bias), once",
     "bias_after": "delta_bias is added after softplus: delta = softplus(delta + delta_bias)",
+    "no_bias": "delta_bias is missing: delta + delta_bias, then softplus if delta_softplus (the bias counts with and "
+               "without softplus)",
+    "no_delta_input": "the input lacks its delta: h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t",
     "previous": "y_t reads the state before the update: y_t = C_t . h_t with h_t = exp(delta_t A) h_{t-1} + "
                 "delta_t B_t u_t, which includes the input at t",
     "skip_first": "the first input is dropped: h_1 = delta_1 B_1 u_1 (from h_0 = 0)",
     "no_D": "the skip term D u is missing: y += D u",
     "gate_before": "the gate is applied to u before the scan: y = (scan + D u) * silu(z), after it",
     "gate_no_silu": "the gate multiplies by z: it multiplies by silu(z)",
+    "gate_sigmoid": "the gate multiplies by sigmoid(z): it multiplies by silu(z) = z sigmoid(z)",
     "D_after_gate": "D u is added after the gate: y = (scan + D u) * silu(z)",
     "B_reshaped": "B is read as (B, L, N): its layout is (B, N, L), as in Mamba's selective_scan_ref (transpose, not "
                   "reshape)",
     "C_reshaped": "C is read as (B, L, N): its layout is (B, N, L), as in Mamba's selective_scan_ref (transpose, not "
-                  "reshape)"}
+                  "reshape)",
+    "last_before": "the last state is the one before the last step: return h_L, the state after the last input"}
 def scan_bug_applies(bug: str, kwargs: dict) -> bool:
     """Whether ``bug`` changes the output of a call with these keyword arguments (else it is no suspect)."""
-    needs = {"no_softplus": ("delta_softplus",), "bias_after": ("delta_bias", "delta_softplus"), "no_D": ("D",),
-             "gate_before": ("z",), "gate_no_silu": ("z",), "D_after_gate": ("D", "z")}.get(bug, ())
+    if bug == "softplus_always":
+        return not kwargs.get("delta_softplus")
+    needs = {"no_softplus": ("delta_softplus",), "softplus_twice": ("delta_softplus",), "no_bias": ("delta_bias",),
+             "bias_after": ("delta_bias", "delta_softplus"), "no_D": ("D",), "gate_before": ("z",),
+             "gate_no_silu": ("z",), "gate_sigmoid": ("z",), "D_after_gate": ("D", "z")}.get(bug, ())
     return all(kwargs.get(name) is not None and kwargs.get(name) is not False for name in needs)
 
 
@@ -365,7 +401,7 @@ SCAN_HINT = ("delta (+ delta_bias, then softplus); h_t = exp(delta_t A) h_{t-1} 
 @define("08.selective_scan", scan_inputs, scan_collect)
 def selective_scan(inputs: dict, out: dict) -> str:
     forbidden_calls("selective_scan", out)
-    for case, got in zip(inputs["cases"], out["outputs"], strict=True):
+    for case, got, changed in zip(inputs["cases"], out["outputs"], out["changed"], strict=True):
         what, args, kwargs = case["what"], case["args"], dict(case["kwargs"])
         y, h = pair(f"{what} with return_last_state=True", got)
         want_y, want_h = ref.selective_scan_reference(**args, **kwargs)
@@ -376,6 +412,7 @@ def selective_scan(inputs: dict, out: dict) -> str:
             compare(f"{what}: {part} (vs transformers' mamba_selective_scan, torch path)", got_i, want, 1e-5,
                     SCAN_HINT, {SCAN_BUGS[bug]: lambda v=v, i=i, g=got_i: relative(g, v()[i])
                                 for bug, v in variants.items()})
+        unchanged(what, changed, "make new tensors (delta = delta + delta_bias[:, None], not delta += ...)")
     return ("equals transformers' mamba_selective_scan (torch path) in y and the last state, with and without D, z "
             "and delta_bias, softplus on and off, and L = 1")
 
@@ -395,15 +432,23 @@ def parallel_inputs(seed: int, shapes=SCAN_SHAPES, speed=(2, 8, 1024)) -> dict:
 
 
 def parallel_collect(inputs: dict, parallel_scan) -> dict:
-    """The values, then the best time of the student's scan and of a Python loop over t on the speed shape, on one
-    thread, interleaved (7 rounds, and 12 more if the ratio is below 5: a loaded machine slows either)."""
+    """The values (of copies, and the names of those the call changed in place, "" if none), then the student's
+    scan of the speed shape, and the best time of it and of a Python loop over t there, on one thread, interleaved
+    (7 rounds, and 12 more if the ratio is below 5: a loaded machine slows either)."""
+    outputs, changed = [], []
     with torch.no_grad():
-        outputs = [attempt(parallel_scan, *case["args"]) for case in inputs["cases"]]
+        for case in inputs["cases"]:
+            copies = [t.clone() for t in case["args"]]
+            outputs.append(attempt(parallel_scan, *copies))
+            changed.append(", ".join(name for name, t, given in zip("ab", copies, case["args"])
+                                     if not (t.shape == given.shape and torch.equal(t, given))))
     if inputs["speed"] is None:
-        return {"outputs": outputs, "loop_s": 1.0, "scan_s": 0.0}
+        return {"outputs": outputs, "changed": changed, "speed_output": None, "loop_s": 1.0, "scan_s": 0.0}
     import time
 
     a, b = inputs["speed"]
+    with torch.no_grad():
+        speed_output = attempt(parallel_scan, a.clone(), b.clone())
 
     def loop(a, b):
         h, out = torch.zeros_like(b[..., 0]), torch.empty_like(b)
@@ -418,16 +463,18 @@ def parallel_collect(inputs: dict, parallel_scan) -> dict:
         for rounds in (7, 12):
             for _ in range(rounds):
                 for key, fn in (("loop_s", loop), ("scan_s", parallel_scan)):
+                    args = (a, b) if fn is loop else (a.clone(), b.clone())
                     start = time.perf_counter()
-                    result = attempt(fn, a, b)
+                    result = attempt(fn, *args)
                     best[key] = min(best[key], time.perf_counter() - start)
                     if isinstance(result, dict):
-                        return {"outputs": outputs, "loop_s": 1.0, "scan_s": result}
+                        return {"outputs": outputs, "changed": changed, "speed_output": speed_output, "loop_s": 1.0,
+                                "scan_s": result}
             if best["loop_s"] >= 5 * best["scan_s"]:
                 break
     finally:
         torch.set_num_threads(threads)
-    return {"outputs": outputs, **best}
+    return {"outputs": outputs, "changed": changed, "speed_output": speed_output, **best}
 
 
 def hillis_steele_variant(a: torch.Tensor, b: torch.Tensor, bug: str) -> torch.Tensor:
@@ -435,6 +482,10 @@ def hillis_steele_variant(a: torch.Tensor, b: torch.Tensor, bug: str) -> torch.T
     a, b = a.double(), b.double()
     L, s = a.shape[-1], 1
     while (2 * s < L) if bug == "early" else (s < L):
+        if bug == "roll":  # torch.roll: b_t += a_t b_{t-s mod L} and a_t *= a_{t-s mod L} for every t
+            b, a = a * torch.roll(b, s, -1) + b, a * torch.roll(a, s, -1)
+            s *= 2
+            continue
         if bug == "order":  # (a1, b1) o (a2, b2) = (a1 a2, a1 b2 + b1)
             new_b = a[..., :-s] * b[..., s:] + b[..., :-s]
         else:
@@ -460,16 +511,27 @@ def parallel_suspects(a: torch.Tensor, b: torch.Tensor) -> dict:
         "the offsets grow by 1: they double, s = 1, 2, 4, ... while s < L": lambda: hillis_steele_variant(
             a, b, "plus_one"),
         "the last round is missing: offsets s = 1, 2, 4, ... while s < L": lambda: hillis_steele_variant(
-            a, b, "early")}
+            a, b, "early"),
+        "the shift wraps around (torch.roll): the first s positions take b from the end of the sequence; shift in "
+        "zeros, or leave the first s positions as they are": lambda: hillis_steele_variant(a, b, "roll")}
 
 
 @define("08.parallel_scan", parallel_inputs, parallel_collect)
 def parallel_scan(inputs: dict, out: dict) -> str:
-    for case, got in zip(inputs["cases"], out["outputs"], strict=True):
+    for case, got, changed in zip(inputs["cases"], out["outputs"], out["changed"], strict=True):
         a, b = case["args"]
         compare(case["what"] + " (vs a Python loop over t in float64)", got, ref.python_loop_scan(a, b), 1e-5,
                 "h_t = a_t h_{t-1} + b_t from h_0 = 0, along the last dimension: for s = 1, 2, 4, ... < L, b_t += "
                 "a_t b_{t-s} and a_t *= a_{t-s} for t >= s", parallel_suspects(a, b))
+        unchanged(case["what"], changed, "make new tensors (torch.cat of the first s positions and the combined "
+                  "rest), or work on a.clone() and b.clone()")
+    if inputs["speed"] is not None:
+        a, b = inputs["speed"]
+        compare(f"parallel_scan(a, b) on the timing input {tuple(a.shape)} float32, a in (0.5, 1) (vs a Python loop "
+                "over t in float64)", out["speed_output"], ref.python_loop_scan(a.double(), b.double()), 1e-3,
+                "in float32 at L = 1024 the product a_1 ... a_t underflows to 0 (0.75^1024 is about 1e-128): a scan "
+                "that divides by cumprod(a), or takes exp of a cumsum of log a and its inverse, gives inf or nan. "
+                "Combine the pairs (a, b) instead, which only multiplies numbers below 1")
     if raised(out["scan_s"]):
         raise AssertionError(f"parallel_scan on the timing input raised {raised(out['scan_s'])}")
     ratio = out["loop_s"] / max(out["scan_s"], 1e-9)
@@ -522,7 +584,8 @@ def block_inputs(seed: int, cases=BLOCK_CASES) -> dict:
 def block_collect(inputs: dict, MambaBlock) -> dict:
     """Per case: the parameter names and shapes of a fresh block ([name, shape] pairs), the forward with the
     check's weights, and step run token by token from state=None (its outputs, and the states after the last
-    token)."""
+    token); then, on the same block, two sequences decoded in turn, x and x reversed in time, one token of each at
+    a time, each from state=None with the state its own last step returned (their outputs)."""
     out = []
     with PackageCalls(inputs["forbidden"]) as calls, torch.no_grad():
         for case in inputs["cases"]:
@@ -530,7 +593,8 @@ def block_collect(inputs: dict, MambaBlock) -> dict:
             shapes = fresh if isinstance(fresh, dict) else [[k, list(v.shape)] for k, v in fresh.state_dict().items()]
             block = attempt(build, MambaBlock, case["weights"], case["what"], **case["config"], scan=case["scan"])
             if isinstance(block, dict):
-                out.append({"shapes": shapes, "forward": block, "steps": block, "state": block})
+                out.append({"shapes": shapes, "forward": block, "steps": block, "state": block,
+                            "in_turn": [block, block]})
                 continue
             x, state, ys = case["x"], None, []
             for t in range(x.shape[1]):
@@ -544,7 +608,21 @@ def block_collect(inputs: dict, MambaBlock) -> dict:
                 ys.append(y_t)
             steps = attempt(torch.stack, ys, dim=1) if isinstance(ys, list) else ys
             state = state if isinstance(state, dict) else attempt(lambda s: tuple(s), state)
-            out.append({"shapes": shapes, "forward": attempt(block, x), "steps": steps, "state": state})
+            runs = [[x, None, []], [x.flip(1), None, []]]  # [input, its state, its outputs (or what went wrong)]
+            for t in range(x.shape[1]):
+                for run in runs:
+                    if isinstance(run[2], dict):
+                        continue
+                    step = attempt(block.step, run[0][:, t], run[1])
+                    if isinstance(step, tuple) and len(step) == 2:
+                        run[1] = step[1]
+                        run[2].append(step[0])
+                    else:
+                        run[2] = step if isinstance(step, dict) else {"raised": "TypeError: step returned a "
+                                                                                f"{type(step).__name__}, not (y_t, state)"}
+            in_turn = [attempt(torch.stack, run[2], dim=1) if isinstance(run[2], list) else run[2] for run in runs]
+            out.append({"shapes": shapes, "forward": attempt(block, x), "steps": steps, "state": state,
+                        "in_turn": in_turn})
     return {"cases": out, "called": calls.called}
 
 
@@ -557,8 +635,9 @@ def mixer_variant(W: dict, config: dict, x: torch.Tensor, bug: str = "") -> torc
     if bug == "swapped_halves":
         xs, z = z, xs
     weight = W["conv1d.weight"].flip(-1) if bug == "flipped_taps" else W["conv1d.weight"]
-    full = F.conv1d(xs.transpose(1, 2), weight, None if bug == "no_conv_bias" else W["conv1d.bias"],
-                    padding=d_conv - 1, groups=weight.shape[0])  # (B, d_inner, L + d_conv - 1)
+    before_conv = xs.transpose(1, 2)
+    full = F.conv1d(before_conv, weight, None if bug == "no_conv_bias" else W["conv1d.bias"],
+                    padding=d_conv if bug == "lag" else d_conv - 1, groups=weight.shape[0])  # (B, d_inner, ...)
     start = {"centre": (d_conv - 1) // 2, "last": d_conv - 1}.get(bug, 0)
     xs = full[..., start:start + L]
     xs = xs if bug == "no_conv_silu" else F.silu(xs)
@@ -566,9 +645,13 @@ def mixer_variant(W: dict, config: dict, x: torch.Tensor, bug: str = "") -> torc
     if bug == "BC_swapped":
         B, C = C, B
     delta = dt @ W["dt_proj.weight"].T + (W["dt_proj.bias"] if bug == "bias_twice" else 0)
-    A = torch.exp(W["A_log"]) if bug == "A_positive" else -torch.exp(W["A_log"])
-    y, _ = scan_variant(xs, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), W["D"], z.transpose(1, 2),
-                        W["dt_proj.bias"], True, bug=bug if bug in SCAN_BUGS else "")
+    A = {"A_positive": torch.exp(W["A_log"]), "A_minus_log": -W["A_log"]}.get(bug, -torch.exp(W["A_log"]))
+    skip = bug == "D_before_conv"  # D x with x before the conv, added here
+    y, _ = scan_variant(xs, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), None if skip else W["D"],
+                        None if skip else z.transpose(1, 2), None if bug == "no_dt_bias" else W["dt_proj.bias"], True,
+                        bug=bug if bug in SCAN_BUGS else "")
+    if skip:
+        y = (y + W["D"][:, None] * before_conv) * F.silu(z.transpose(1, 2))
     return y.transpose(1, 2) @ W["out_proj.weight"].T
 
 
@@ -585,6 +668,14 @@ MIXER_BUGS = {
     "bias_twice": "dt_proj's bias is added twice: delta = dt_proj.weight @ dt, and the bias enters the scan once, as "
                   "delta_bias (softplus(delta + bias))",
     "A_positive": "A = exp(A_log) is positive, so the state grows: A = -exp(A_log)",
+    "A_minus_log": "A = -A_log: A_log is the log of -A, so A = -exp(A_log)",
+    "lag": "the conv lags by one token: output t reads x_{t-d_conv} .. x_{t-1}, not x_t; pad by d_conv - 1 on the "
+           "left (or both sides) and keep the first L outputs",
+    "no_dt_bias": "dt_proj's bias is missing: delta = dt_proj.weight @ dt, and the bias enters the scan as delta_bias "
+                  "(softplus(delta + bias))",
+    "D_before_conv": "D multiplies x before the conv: the skip is D u, with u the conv's output after SiLU (the "
+                     "scan's input)",
+    "gate_sigmoid": SCAN_BUGS["gate_sigmoid"],
     "exp_A": SCAN_BUGS["exp_A"], "no_softplus": SCAN_BUGS["no_softplus"], "no_D": SCAN_BUGS["no_D"],
     "gate_before": SCAN_BUGS["gate_before"], "gate_no_silu": SCAN_BUGS["gate_no_silu"],
     "zoh_B": SCAN_BUGS["zoh_B"], "previous": SCAN_BUGS["previous"]}
@@ -630,6 +721,13 @@ def mamba_block(inputs: dict, out: dict) -> str:
                 "conv_state (B, d_inner, d_conv) holds the last d_conv inputs of the conv (in_proj's x half), the "
                 "newest in the last column", {"conv_state holds the newest input in its first column: roll it left "
                                               "and write x_t in the last column": conv_state.flip(-1)})
+        wants = (lambda: want, lambda: ref.mamba_mixer_reference(W, **config, x=x.flip(1)))
+        for seq, got_seq, want_seq in zip(("x", "x reversed in time"), got["in_turn"], wants, strict=True):
+            compare(f"{what}: step, decoding two sequences in turn (x and x reversed in time, one token of each at a "
+                    f"time, each from state=None and then the state its own last step returned): the outputs for "
+                    f"{seq}", got_seq, want_seq(), 1e-5,
+                    "step must compute from the state it is given (zeros for state=None) and return the new one, "
+                    "keeping nothing between calls: a state kept on the module (in self) mixes up the sequences")
     return ("has Mamba's parameter names and shapes, and equals transformers' MambaMixer (torch path) with both scans "
             "and dt_rank 'auto' or an int; step, token by token from state=None, equals it, and its states equal "
             "transformers' cache")
@@ -656,9 +754,16 @@ def ssd_inputs(seed: int, cases=SSD_CASES) -> dict:
 
 
 def ssd_collect(inputs: dict, ssd_chunked) -> dict:
+    """Each case's output (of copies), the names of the tensors the call changed in place ("" if none), and the
+    packages of ``inputs["forbidden"]`` that the student's code called."""
+    outputs, changed = [], []
     with PackageCalls(inputs["forbidden"]) as calls, torch.no_grad():
-        outputs = [attempt(ssd_chunked, *case["args"]) for case in inputs["cases"]]
-    return {"outputs": outputs, "called": calls.called}
+        for case in inputs["cases"]:
+            copies = [t.clone() if isinstance(t, torch.Tensor) else t for t in case["args"]]
+            outputs.append(attempt(ssd_chunked, *copies))
+            changed.append(", ".join(name for name, t, given in zip(("x", "dt", "A", "B", "C"), copies, case["args"])
+                                     if not (t.shape == given.shape and torch.equal(t, given))))
+    return {"outputs": outputs, "changed": changed, "called": calls.called}
 
 
 def ssd_variant(x, dt, A, B, C, chunk: int, bug: str) -> torch.Tensor:
@@ -681,6 +786,35 @@ def ssd_variant(x, dt, A, B, C, chunk: int, bug: str) -> torch.Tensor:
     return torch.stack(ys, dim=1)
 
 
+def ssd_chunk_variant(x, dt, A, B, C, chunk: int, bug: str) -> torch.Tensor:
+    """Mamba-2's chunked form in float64 with one ``bug`` that only chunks show (see the suspects): "future" (the decay
+    matrices, within chunks and across them, 1 above their diagonal: exp of segment sums that are 0 there, not -inf),
+    "undecayed" (the states of earlier chunks summed without their decay)."""
+    x, dt, A, B, C = (t.double() for t in (x, dt, A, B, C))
+    batch, L, H, P = x.shape
+    B, C = (t.repeat_interleave(H // t.shape[2], dim=2) for t in (B, C))  # (batch, L, H, N)
+    parts = [slice(start, min(start + chunk, L)) for start in range(0, L, chunk)]
+    X = dt[..., None] * x
+    cums = [(dt[:, part] * A).cumsum(1) for part in parts]  # (batch, l, H) each
+    left = [torch.einsum("bshn,bsh,bshp->bhpn", B[:, part], torch.exp(cum[:, -1:] - cum), X[:, part])
+            for part, cum in zip(parts, cums)]  # the state each chunk leaves, from zero
+    h, ys = torch.zeros_like(left[0]), []
+    for c, (part, cum) in enumerate(zip(parts, cums)):
+        start = h + sum(left[c:]) if bug == "future" else h  # later chunks' states, undecayed
+        l = cum.shape[1]
+        below = torch.ones(l, l, dtype=torch.bool).tril()[None, :, :, None]
+        decay = torch.where(below, torch.exp(cum[:, :, None] - cum[:, None]), 1.0 if bug == "future" else 0.0)
+        ys.append(torch.einsum("bthn,bshn,btsh,bshp->bthp", C[:, part], B[:, part], decay, X[:, part])
+                  + torch.einsum("bthn,bhpn,bth->bthp", C[:, part], start, torch.exp(cum)))
+        h = (h if bug == "undecayed" else torch.exp(cum[:, -1])[..., None, None] * h) + left[c]
+    return torch.cat(ys, dim=1)
+
+
+SSD_CHUNK_BUGS = {
+    "future": "the decay matrix L is 1 above its diagonal, so y_t reads later inputs (of its chunk, and the states of "
+              "later chunks): segment sums are -inf above the diagonal (exp -> 0), within chunks and across them",
+    "undecayed": "the states of earlier chunks reach a chunk without their decay: chunk c starts from the state chunk "
+                 "c - 1 started from, times exp(the sum of dt A over chunk c - 1), plus the state chunk c - 1 leaves"}
 SSD_BUGS = {
     "reset": "each chunk starts from a zero state: it forgets the inter-chunk state (the states that the chunks before "
              "it leave, decayed, are its starting state)",
@@ -698,7 +832,7 @@ SSD_HINT = ("pad L to whole chunks with zeros (L need not be a multiple of chunk
 @define("08.ssd_chunked", ssd_inputs, ssd_collect)
 def ssd_chunked(inputs: dict, out: dict) -> str:
     forbidden_calls("ssd_chunked", out)
-    for case, got in zip(inputs["cases"], out["outputs"], strict=True):
+    for case, got, changed in zip(inputs["cases"], out["outputs"], out["changed"], strict=True):
         x, dt, A, B, C, chunk = case["args"]
         how = case["reference"]
         want = {"sequential": lambda: ref.ssd_sequential(x, dt, A, B, C),
@@ -709,7 +843,10 @@ def ssd_chunked(inputs: dict, out: dict) -> str:
         applies = {"reset": chunk < x.shape[1], "modulo": 1 < B.shape[2] < x.shape[2]}  # else the same as right
         suspects = {SSD_BUGS[bug]: (lambda bug=bug, g=got: relative(g, ssd_variant(x, dt, A, B, C, chunk, bug) / scale))
                     for bug in SSD_BUGS if applies.get(bug, True)}
+        suspects |= {SSD_CHUNK_BUGS[bug]: (lambda bug=bug, g=got: relative(
+            g, ssd_chunk_variant(x, dt, A, B, C, chunk, bug) / scale)) for bug in SSD_CHUNK_BUGS}
         compare(f"{case['what']} (vs {SSD_REFERENCES[how]}{', relative' if scale != 1 else ''})", got, want / scale,
                 2e-5 if how == "transformers" else 1e-5, SSD_HINT, suspects)
+        unchanged(case["what"], changed, "make new tensors (x * dt[..., None], not x *= ...)")
     return ("equals a float64 loop, transformers' mamba2_chunk_scan and Mamba-1's scan on the same scalar-A problem, "
             "with L a multiple of chunk_size or not, chunk_size 1 and > L, and 1, 2 or H groups")

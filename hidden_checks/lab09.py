@@ -18,10 +18,11 @@ task_edge = task_arithmetic.variant("09.hidden.task_arithmetic_edge", lambda see
     (F64, 4, [1.0, -1.0, 0.0, 2.5]), (torch.float32, 2, [0.0, 0.0])]), ("task_vector", "apply_task_vectors"))
 
 # 4 models at density 1 (no trim) with unequal weights; 1-element biases and a single output (k = max(1, 0) = 1 keeps
-# the one entry); density 0.9 with lam 2 in float32; a single fine-tune (the merge is base + lam * trimmed tau)
+# the one entry); density 0.9 with lam 2 in float32; a single fine-tune (the merge is base + lam * trimmed tau), with
+# an empty float entry (trim returns an empty tensor as it is: topk(1) of nothing raises)
 ties_edge = ties_merge.variant("09.hidden.ties_merge_edge", lambda seed: ties_inputs(seed, [
     (4, 1.0, [1.0, 2.0, 0.5, 1.5], 1.0, F64, (5, 6, 4)), (3, 0.3, [0.5, 1.0, 1.0], 0.8, F64, (4, 3, 1)),
-    (3, 0.9, None, 2.0, torch.float32, (5, 6, 4)), (1, 0.4, [3.0], 1.0, F64, (5, 6, 4))]), ("ties_merge",))
+    (3, 0.9, None, 2.0, torch.float32, (5, 6, 4)), (1, 0.4, [3.0], 1.0, F64, (5, 6, 4), "empty")]), ("ties_merge",))
 
 # drop_rate 0.99 on 50,000 entries; one-entry tensors; an empty tensor between two others (it draws nothing); a
 # float32 dict with the L1 rescale at drop_rate 0.5; drop_rate 0.95 on three entries (all may be dropped)

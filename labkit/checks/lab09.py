@@ -15,7 +15,10 @@ network computes b's function (a float64 forward of b's weights), b and a are le
 undone exactly, the distance to a does not grow, the optimum of one hidden layer equals the brute force over every
 permutation (``references.weight_matching_brute_force``), and for deeper networks no hidden layer can be improved
 alone (the brute force over each layer's permutations, the others fixed: a fixed point of the coordinate ascent).
-The notes on both libraries are in ``tests/lab09_reference_notes.md``.
+The notes on both libraries are in ``tests/lab09_reference_notes.md``. Every merge must leave its inputs alone (the
+state dicts, the task vectors, the lists of weights) and return tensors of its own: collect finds, by storage, the
+entries of a result that are an input's tensors (a non-float entry not cloned, a shortcut that returns the input).
+A float64 result off by about a float32 rounding is told so (float32 weights or Python-number torch.where).
 """
 from __future__ import annotations
 
@@ -128,6 +131,33 @@ def untouched(what: str, changed: list, whose: str) -> None:
                              "leave the inputs as they were")
 
 
+def not_shared(what: str, shared: list, whose: str) -> None:
+    """The result must hold its own tensors: ``shared`` names the entries (collect finds them by storage) that are
+    the caller's tensors, or views of them."""
+    if shared:
+        raise AssertionError(f"{what}: the result shares tensors with {whose} (the entries {sorted(set(shared))} are "
+                             "the caller's tensors themselves, or views of them): an in-place change of one later "
+                             "(merged[k] += ..., or training a model loaded with them) changes the other. Return new "
+                             "tensors: clone the entries you copy (value.clone()) and build a new dict")
+
+
+def list_untouched(what: str, changed: bool, name: str, now) -> None:
+    if changed:
+        raise AssertionError(f"{what} modified the {name} list it was given in place (it became {now}): leave the "
+                             f"caller's list as it is, and build a new one (w = [x / total for x in {name}])")
+
+
+def float32_hint(got, want: torch.Tensor, dtype: torch.dtype, hint: str) -> str:
+    """``hint``, or, where a float64 entry is off by about a float32 rounding only, what does that."""
+    if (dtype == F64 and isinstance(got, torch.Tensor) and got.shape == want.shape and got.is_floating_point()
+            and close(got, want, 2e-6 * max(1.0, float(want.abs().max()) if want.numel() else 1.0))):
+        return ("this is off by about a float32 rounding: is part of the float64 computation done in float32? ("
+                "torch.tensor(weights) without dtype=, torch.where(mask, w, 0.0) or torch.full with Python numbers, "
+                "and .float() make float32 tensors). Do the arithmetic in the entry's dtype (torch.tensor(weights, "
+                "dtype=value.dtype), or Python floats)" + (f"; {hint}" if hint else ""))
+    return hint
+
+
 def listed(values) -> str:
     return "[" + ", ".join(f"{v:g}" for v in values) + "]"
 
@@ -153,14 +183,21 @@ def average_inputs(seed: int, cases=AVERAGE_CASES) -> dict:
 
 
 def average_collect(inputs: dict, average) -> dict:
-    """Each case's merge, on copies of the state dicts, and the entries the call changed in those copies."""
+    """Each case's merge, on copies of the state dicts and of the weights; the entries the call changed in those
+    copies, whether it changed the weights list, and the entries of the result that share storage with an input."""
     out = []
     for case in inputs["cases"]:
         states = [{k: v.clone() for k, v in sd.items()} for sd in case["state_dicts"]]
-        merged = attempt(average, states, case["weights"])
+        weights = None if case["weights"] is None else list(case["weights"])
+        merged = attempt(average, states, weights)
         changed = [k for sd, original in zip(states, case["state_dicts"]) for k, v in original.items()
                    if not (isinstance(sd.get(k), torch.Tensor) and torch.equal(sd[k], v))]
-        out.append({"merged": merged, "changed": changed})
+        storages = {v.untyped_storage().data_ptr() for sd in states for v in sd.values()
+                    if isinstance(v, torch.Tensor) and v.numel()}
+        shared = [k for k, v in merged.items() if isinstance(v, torch.Tensor) and v.numel()
+                  and v.untyped_storage().data_ptr() in storages] if isinstance(merged, dict) else []
+        out.append({"merged": merged, "changed": changed, "shared": shared,
+                    "weights_changed": weights != case["weights"], "weights_after": weights})
     return {"cases": out}
 
 
@@ -176,6 +213,9 @@ def average_suspects(tensors: list, weights) -> dict:
             lambda: weighted / len(w))
     if len(set(w)) > 1:
         suspects["the weights are ignored: this is the plain mean"] = lambda: sum(x) / len(x)
+    if all(isinstance(wi, int) for wi in w):
+        suspects["integer weights are divided with // (or cast to an integer tensor): w_i / sum_i w_i must be a float "
+                 "division"] = lambda: sum((wi // sum(w)) * xi for wi, xi in zip(w, x))
     return suspects
 
 
@@ -187,8 +227,10 @@ def average(inputs: dict, out: dict) -> str:
     for case, got in zip(inputs["cases"], out["cases"], strict=True):
         what, states, weights = case["what"], case["state_dicts"], case["weights"]
         untouched(what, got["changed"], "the input state dicts")
+        list_untouched(what, got["weights_changed"], "weights", got["weights_after"])
         merged = as_state(what, got["merged"], list(states[0]),
                           "every entry of the models is in the average; non-float ones are copied from the first")
+        not_shared(what, got["shared"], "the input state dicts")
         for k, first in states[0].items():
             entry = f"{what}['{k}']"
             tensors = [sd[k] for sd in states]
@@ -200,7 +242,7 @@ def average(inputs: dict, out: dict) -> str:
                 continue
             want = ref.mergekit_linear([t.double() for t in tensors], weights)
             compare(f"{entry} (vs mergekit's linear merge)", merged[k], want, tolerance(want, first.dtype),
-                    AVERAGE_HINT, average_suspects(tensors, weights))
+                    float32_hint(merged[k], want, first.dtype, AVERAGE_HINT), average_suspects(tensors, weights))
             same_dtype(entry, merged[k], first)
     return ("equals mergekit's linear merge (sum_i w_i theta_i / sum_i w_i) with and without weights, in float64 and "
             "float32; copies of one model average to it; integer entries come from the first model; the inputs are "
@@ -238,16 +280,32 @@ def task_collect(inputs: dict, task_vector, apply_task_vectors) -> dict:
                      for k, v in original.items()
                      if not (isinstance(sd.get(k), torch.Tensor) and torch.equal(sd[k], v))]
         base = {k: v.clone() for k, v in case["base"].items()}
-        own = lambda vs: [{k: v.clone() for k, v in vector.items()} for vector in vs]
-        applied = attempt(apply_task_vectors, base, own(case["vectors"]), list(case["scales"]))
-        negated = attempt(apply_task_vectors, base, own(case["vectors"][:1]), [-1.0])
-        halves = attempt(apply_task_vectors, base, own(case["vectors"][:2]), [0.5, 0.5])
+        vectors_changed, shared = [], []
+
+        def apply(given: list, scales: list):
+            """apply_task_vectors on copies of ``given``; notes the vectors' entries it changed and the entries of
+            its result that share storage with base or a vector."""
+            own = [{k: v.clone() for k, v in vector.items()} for vector in given]
+            merged = attempt(apply_task_vectors, base, own, scales)
+            vectors_changed.extend(k for new, old in zip(own, given) for k, v in old.items()
+                                   if not (isinstance(new.get(k), torch.Tensor) and torch.equal(new[k], v)))
+            storages = {v.untyped_storage().data_ptr() for sd in [base, *own] for v in sd.values()
+                        if isinstance(v, torch.Tensor) and v.numel()}
+            if isinstance(merged, dict):
+                shared.extend(k for k, v in merged.items() if isinstance(v, torch.Tensor) and v.numel()
+                              and v.untyped_storage().data_ptr() in storages)
+            return merged
+
+        applied = apply(case["vectors"], list(case["scales"]))
+        negated = apply(case["vectors"][:1], [-1.0])
+        halves = apply(case["vectors"][:2], [0.5, 0.5])
         round_trip = [attempt(apply_task_vectors, base, [v], [1.0]) if isinstance(v, dict) and "raised" not in v
                       else v for v in vectors]
         by_apply = [k for k, v in case["base"].items() if not (isinstance(base.get(k), torch.Tensor)
                                                                and torch.equal(base[k], v))]
         out.append({"vectors": vectors, "applied": applied, "negated": negated, "halves": halves,
-                    "round_trip": round_trip, "changed_by_task_vector": by_vector, "changed_by_apply": by_apply})
+                    "round_trip": round_trip, "changed_by_task_vector": by_vector, "changed_by_apply": by_apply,
+                    "vectors_changed_by_apply": vectors_changed, "shared_by_apply": shared})
     return {"cases": out}
 
 
@@ -261,6 +319,8 @@ def task_arithmetic(inputs: dict, out: dict) -> str:
         keys, names = floats(base), list(base)
         untouched(f"task_vector, on {what},", got["changed_by_task_vector"], "base or a fine-tune")
         untouched(f"apply_task_vectors, on {what},", got["changed_by_apply"], "base")
+        untouched(f"apply_task_vectors, on {what},", got["vectors_changed_by_apply"], "the task vectors")
+        not_shared(f"apply_task_vectors, on {what}", got["shared_by_apply"], "base or the task vectors")
         on = f", on {what}"
         for i, (ft, vector) in enumerate(zip(fts, got["vectors"], strict=True)):
             call = f"task_vector(base, finetuned[{i}])"
@@ -269,8 +329,9 @@ def task_arithmetic(inputs: dict, out: dict) -> str:
             for k in keys:
                 want = ft[k].double() - base[k].double()
                 compare(f"{call}['{k}']{on} (vs finetuned - base)", vector[k], want, tolerance(want, base[k].dtype),
-                        "tau = theta_finetuned - theta_base",
+                        float32_hint(vector[k], want, base[k].dtype, "tau = theta_finetuned - theta_base"),
                         {"this is base - finetuned: tau = theta_finetuned - theta_base": -want})
+                same_dtype(f"{call}['{k}']{on}", vector[k], base[k])
         calls = [
             (f"apply_task_vectors(base, {len(fts)} task vectors, scales={listed(scales)})", got["applied"], fts, scales,
              "mergekit's task_arithmetic"),
@@ -292,7 +353,8 @@ def task_arithmetic(inputs: dict, out: dict) -> str:
                 if "linear" in by:
                     assert close(want, ref.mergekit_linear([m[k].double() for m in models]), 1e-12)
                 taus = [m[k].double() - base[k].double() for m in models]
-                compare(f"{call}['{k}']{on} (vs {by})", merged[k], want, tolerance(want, base[k].dtype), TASK_HINT, {
+                compare(f"{call}['{k}']{on} (vs {by})", merged[k], want, tolerance(want, base[k].dtype),
+                        float32_hint(merged[k], want, base[k].dtype, TASK_HINT), {
                     "the scales are ignored: theta = theta_base + sum_i scales[i] tau_i":
                     lambda: base[k].double() + sum(taus),
                     "the scaled sum is divided by the sum of the scales: task arithmetic adds sum_i scales[i] tau_i "
@@ -326,7 +388,8 @@ def hand_ties_case() -> dict:
             "finetuned": fts, "density": 1.0, "weights": HAND_WEIGHTS, "lam": 1.0}
 
 
-TIES_CASES = [  # (number of fine-tunes, density, weights, lam, dtype, the model's sizes), or the hand-made case
+TIES_CASES = [  # (number of fine-tunes, density, weights, lam, dtype, the model's sizes[, "empty": an empty entry too]),
+    # or the hand-made case
     (3, 0.5, [1.0, 0.3, 2.0], 0.7, F64, (5, 6, 4)), (2, 0.3, None, 1.0, F64, (5, 6, 4)), "hand",
     (2, 0.1, [2.0, 1.0], 1.3, torch.float32, (5, 6, 4))]
 
@@ -339,10 +402,14 @@ def ties_inputs(seed: int, cases=TIES_CASES) -> dict:
         if spec == "hand":
             out.append(hand_ties_case())
             continue
-        n, density, weights, lam, dtype, sizes = spec
+        n, density, weights, lam, dtype, sizes, *empty = spec
         base = model_state(g, sizes, dtype=dtype, steps=randint(g, 100, 999))
+        if empty:  # an empty float entry (a zero-size parameter): trim returns it as it is
+            base = {k: v for k, v in base.items() if k != "steps"} | {"empty": torch.zeros(0, dtype=dtype),
+                                                                       "steps": base["steps"]}
         small = ", so int(density * numel) = 0 for the biases and k = 1" if density * min(sizes[1:]) < 1 else ""
-        shape = "" if sizes == (5, 6, 4) else f" of a {' -> '.join(map(str, sizes))} model"
+        shape = ("" if sizes == (5, 6, 4) else f" of a {' -> '.join(map(str, sizes))} model") + (
+            " with an empty entry" if empty else "")
         out.append({"what": f"ties_merge({n} {str(dtype).removeprefix('torch.')} fine-tunes{shape}, density={density}"
                             f"{small}, weights={weights}, lam={lam})", "base": base,
                     "finetuned": [finetune(g, base) for _ in range(n)], "density": density, "weights": weights,
@@ -355,17 +422,29 @@ def ties_collect(inputs: dict, ties_merge) -> dict:
     for case in inputs["cases"]:
         base = {k: v.clone() for k, v in case["base"].items()}
         fts = [{k: v.clone() for k, v in ft.items()} for ft in case["finetuned"]]
-        merged = attempt(ties_merge, base, fts, case["density"], weights=case["weights"], lam=case["lam"])
+        weights = None if case["weights"] is None else list(case["weights"])
+        merged = attempt(ties_merge, base, fts, case["density"], weights=weights, lam=case["lam"])
         changed = [k for sd, original in zip([base] + fts, [case["base"]] + case["finetuned"])
                    for k, v in original.items() if not (isinstance(sd.get(k), torch.Tensor) and torch.equal(sd[k], v))]
-        out.append({"merged": merged, "changed": changed})
+        storages = {v.untyped_storage().data_ptr() for sd in [base, *fts] for v in sd.values()
+                    if isinstance(v, torch.Tensor) and v.numel()}
+        shared = [k for k, v in merged.items() if isinstance(v, torch.Tensor) and v.numel()
+                  and v.untyped_storage().data_ptr() in storages] if isinstance(merged, dict) else []
+        out.append({"merged": merged, "changed": changed, "shared": shared,
+                    "weights_changed": weights != case["weights"], "weights_after": weights})
     return {"cases": out}
 
 
-def trim_variant(tau: torch.Tensor, density: float, k_min: int = 1, largest: bool = True) -> torch.Tensor:
-    if density >= 1:
+def trim_variant(tau: torch.Tensor, density: float, k_min: int = 1, largest: bool = True, k_shift: int = 0,
+                 kept_share: str = "density", per_row: bool = False) -> torch.Tensor:
+    """mergekit's per-tensor trim, and wrong ones: ``k_shift`` (one entry more or fewer), ``kept_share`` "drop"
+    (k from 1 - density), ``per_row`` (the k largest of each row of a 2-D tensor)."""
+    if density >= 1 or tau.numel() == 0:
         return tau
-    k = max(k_min, int(density * tau.numel()))
+    if per_row and tau.dim() == 2:
+        return torch.stack([trim_variant(row, density, k_min, largest, k_shift, kept_share) for row in tau])
+    share = 1 - density if kept_share == "drop" else density
+    k = min(tau.numel(), max(0, max(k_min, int(share * tau.numel())) + k_shift))
     keep = torch.zeros(tau.numel(), dtype=torch.bool)
     keep[tau.abs().flatten().topk(k, largest=largest).indices] = True
     return tau * keep.view_as(tau)
@@ -373,17 +452,21 @@ def trim_variant(tau: torch.Tensor, density: float, k_min: int = 1, largest: boo
 
 def ties_variant(case: dict, trim: str = "tensor", k_min: int = 1, largest: bool = True, election: str = "mass",
                  zero_elects: float = 1.0, zeros_agree: bool = False, weighted_election: bool = True,
-                 divisor: str = "agreeing weights", lam: str = "after") -> dict:
+                 divisor: str = "agreeing weights", lam: str = "after", k_shift: int = 0, kept_share: str = "density",
+                 per_row: bool = False, elect_untrimmed: bool = False, clamp_one: bool = False,
+                 weighted: bool = True) -> dict:
     """TIES on the case's float entries, in float64, mergekit's way by default and in wrong ones for diagnoses:
     ``trim`` "tensor", "global" (one threshold over all the entries of a task vector) or "none"; ``k_min`` 0 (no
-    max(1, .)); ``largest=False`` (the smallest kept); ``election`` "mass" or "count"; ``zero_elects`` -1 (a sum of
-    0 elects -); ``zeros_agree``; ``weighted_election=False`` (the sign of the unweighted sum); ``divisor``
-    "agreeing weights", "count" (agreeing entries), "all weights", "n"; ``lam`` "after", "ignored" or "model"
-    (lam times base + tau)."""
+    max(1, .)); ``largest=False`` (the smallest kept); ``k_shift``, ``kept_share`` and ``per_row`` (see
+    :func:`trim_variant`); ``election`` "mass" or "count"; ``zero_elects`` -1 (a sum of 0 elects -) or 0
+    (torch.sign: nothing elected); ``zeros_agree``; ``weighted_election=False`` (the sign of the unweighted sum);
+    ``elect_untrimmed`` (the sign of the weighted untrimmed vectors); ``divisor`` "agreeing weights", "count"
+    (agreeing entries), "all weights", "n"; ``clamp_one`` (the divisor clamped to at least 1); ``weighted=False``
+    (every weight 1); ``lam`` "after", "ignored" or "model" (lam times base + tau)."""
     base, fts, density = case["base"], case["finetuned"], case["density"]
     keys = floats(base)
     n = len(fts)
-    w = torch.tensor([1.0] * n if case["weights"] is None else case["weights"], dtype=F64)
+    w = torch.tensor([1.0] * n if case["weights"] is None or not weighted else case["weights"], dtype=F64)
     taus = [{k: ft[k].double() - base[k].double() for k in keys} for ft in fts]
     if trim == "global" and density < 1:
         trimmed = []
@@ -393,20 +476,21 @@ def ties_variant(case: dict, trim: str = "tensor", k_min: int = 1, largest: bool
             sizes = [tau[k].numel() for k in keys]
             trimmed.append({k: part.view_as(tau[k]) for k, part in zip(keys, kept.split(sizes))})
     else:
-        trimmed = [{k: trim_variant(tau[k], 1.0 if trim == "none" else density, k_min, largest) for k in keys}
-                   for tau in taus]
+        trimmed = [{k: trim_variant(tau[k], 1.0 if trim == "none" else density, k_min, largest, k_shift, kept_share,
+                                    per_row) for k in keys} for tau in taus]
     out = {}
     for k in keys:
         view = w.view(-1, *[1] * base[k].dim())
         raw = torch.stack([t[k] for t in trimmed])
         deltas = view * raw
-        vote = (deltas if weighted_election else raw)
+        vote = view * torch.stack([t[k] for t in taus]) if elect_untrimmed else (deltas if weighted_election else raw)
         total = vote.sign().sum(0) if election == "count" else vote.sum(0)
         elected = torch.where(total > 0, 1.0, torch.where(total < 0, -1.0, zero_elects)).to(F64)
         agree = (deltas.sign() == elected) | ((deltas == 0) if zeros_agree else False)
         denominator = {"agreeing weights": (view * agree).sum(0), "count": agree.to(F64).sum(0),
                        "all weights": w.sum() * torch.ones_like(elected), "n": n * torch.ones_like(elected)}[divisor]
-        denominator = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+        denominator = (denominator.clamp(min=1) if clamp_one else
+                       torch.where(denominator == 0, torch.ones_like(denominator), denominator))
         tau = (deltas * agree).sum(0) / denominator
         scale = 1.0 if lam == "ignored" else case["lam"]
         out[k] = scale * (base[k].double() + tau) if lam == "model" else base[k].double() + scale * tau
@@ -463,6 +547,26 @@ def ties_suspects(case: dict) -> dict[str, callable]:
             "lam has no effect (multiplying the weights by it cancels in the division): theta = base + lam * "
             "(disjoint mean)": lambda: v(lam="ignored"),
             "lam multiplies base too: theta = base + lam * (disjoint mean)": lambda: v(lam="model")}
+    suspects |= {
+        "the trim keeps one entry too many (k + 1): keep exactly k = max(1, int(density * numel)) entries; int "
+        "truncates (0.3 * 30 is 8.999..., so k = 8: not round or ceil), and kthvalue counts from the smallest (the "
+        "k-th largest |tau| is kthvalue(numel - k + 1))": lambda: v(k_shift=1),
+        "the trim keeps one entry too few (k - 1): keep the k = max(1, int(density * numel)) largest |tau|; with a "
+        "threshold t, the k-th largest itself, keep |tau| >= t": lambda: v(k_shift=-1),
+        "the trim keeps a share 1 - density of the entries: density is the share kept, k = max(1, int(density * "
+        "numel))": lambda: v(kept_share="drop"),
+        "the trim keeps the largest entries of each row: trim each tensor as a whole, flattened, k = max(1, "
+        "int(density * numel)) per tensor": lambda: v(per_row=True),
+        "where the weighted sum is exactly 0 no sign is elected (torch.sign gives 0 there): a sum of 0 elects +, "
+        "torch.where(total >= 0, 1.0, -1.0)": lambda: v(zero_elects=0.0),
+        "the sign is elected from the untrimmed task vectors: trim first, then elect from the sum of the trimmed, "
+        "weighted ones": lambda: v(elect_untrimmed=True)}
+    if any(wi < 1 for wi in (case["weights"] or [])):
+        suspects["the divisor is clamped to at least 1 (peft's clamp(min=1), meant for a count): the sum of the "
+                 "agreeing weights may be below 1; replace only a divisor of 0 by 1"] = lambda: v(clamp_one=True)
+    if unequal:
+        suspects["the weights are ignored: delta_i = w_i * trimmed tau_i before the election, and the divisor is the "
+                 "sum of the agreeing weights"] = lambda: v(weighted=False)
     return suspects
 
 
@@ -477,7 +581,13 @@ def ties_merge(inputs: dict, out: dict) -> str:
     for case, got in zip(inputs["cases"], out["cases"], strict=True):
         what, base = case["what"], case["base"]
         untouched(what, got["changed"], "base or a fine-tune")
+        list_untouched(what, got["weights_changed"], "weights", got["weights_after"])
+        if raised(got["merged"]) and any(v.numel() == 0 for v in base.values()):
+            raise AssertionError(f"{what} raised {raised(got['merged'])}: the model has an empty float entry, and "
+                                 "trim must return an empty delta as it is (topk of k = max(1, 0) = 1 entries of an "
+                                 "empty tensor raises)")
         merged = as_state(what, got["merged"], list(base), "non-float entries are copied from base")
+        not_shared(what, got["shared"], "base or a fine-tune")
         baseline = ties_variant(case)
         suspects = {name: functools.cache(bug) for name, bug in ties_suspects(case).items()}
         for k, value in base.items():
@@ -493,7 +603,8 @@ def ties_merge(inputs: dict, out: dict) -> str:
                 raise AssertionError(f"{entry}: non-finite values, where no entry agrees with the elected sign (all "
                                      "trimmed to 0, or all unchanged): the sum of the agreeing weights is 0 there; "
                                      "divide by 1 instead (the sum of the agreeing entries is 0 too)")
-            compare(f"{entry} (vs mergekit's ties)", got_k, want, tolerance(want, value.dtype), TIES_HINT,
+            compare(f"{entry} (vs mergekit's ties)", got_k, want, tolerance(want, value.dtype),
+                    float32_hint(got_k, want, value.dtype, TIES_HINT),
                     {name: (lambda bug=bug, k=k: bug()[k]) for name, bug in suspects.items()})
             same_dtype(entry, got_k, value)
     return ("equals mergekit's ties (per-tensor trim with k = max(1, int(density n)), the election by weighted mass "
@@ -540,7 +651,10 @@ def dare_collect(inputs: dict, dare) -> dict:
         dropped = attempt(dare, vector, case["drop_rate"], case["seed"], rescale=case["rescale"])
         changed = [k for k, v in case["vector"].items()
                    if not (isinstance(vector.get(k), torch.Tensor) and torch.equal(vector[k], v))]
-        out.append({"dropped": dropped, "changed": changed})
+        storages = {v.untyped_storage().data_ptr() for v in vector.values() if isinstance(v, torch.Tensor) and v.numel()}
+        shared = [k for k, v in dropped.items() if isinstance(v, torch.Tensor) and v.numel()
+                  and v.untyped_storage().data_ptr() in storages] if isinstance(dropped, dict) else []
+        out.append({"dropped": dropped, "changed": changed, "shared": shared})
     first = inputs["cases"][0]
     again = [attempt(dare, {k: v.clone() for k, v in first["vector"].items()}, first["drop_rate"], s,
                      rescale=first["rescale"]) for s in (first["seed"], first["seed"] + 1)]
@@ -602,7 +716,13 @@ def dare_mask_suspects(case: dict, index: int) -> dict:
         "1 - drop_rate": lambda: (uniforms(torch.float32)[index] >= p).double(),
         "the uniforms are drawn in float64, the tensor's dtype (as peft, and torch.bernoulli(torch.full_like(tau, "
         "1 - p)), draw them): the rule draws float32 uniforms, torch.rand(shape, generator=g) with the default dtype":
-        lambda: ref.dare_masks(shapes, p, s, torch.float64)[index].double()}
+        lambda: ref.dare_masks(shapes, p, s, torch.float64)[index].double(),
+        "each tensor's mask comes from a generator seeded with seed + its index: seed one generator once, with seed, "
+        "and draw every tensor's uniforms from it in turn": lambda: ref.dare_masks([shapes[index]], p, s + index)[0]
+        .double(),
+        "the masks are drawn in sorted order of the names: draw them in the dict's own order": lambda: dict(zip(
+            sorted(case["vector"]), ref.dare_masks([shapes[list(case["vector"]).index(k)] for k in sorted(
+                case["vector"])], p, s)))[list(case["vector"])[index]].double()}
 
 
 def check_dropped(case: dict, got, masks: dict | None = None) -> dict:
@@ -631,6 +751,7 @@ def dare(inputs: dict, out: dict) -> str:
     cases = inputs["cases"]
     for case, got in zip(cases, out["cases"], strict=True):
         untouched(case["what"], got["changed"], "the task vector")
+        not_shared(case["what"], got["shared"], "the task vector")
     first = cases[0]
     kept = check_dropped(first, out["cases"][0]["dropped"])
     for name, seed, again in (("the same seed", first["seed"], out["same_seed"]),
@@ -654,8 +775,9 @@ def dare(inputs: dict, out: dict) -> str:
             want = dare_expected(v, kept[k], p, rescale)
             how = "v * kept / (1 - drop_rate)" if rescale == "inverse" else "mergekit's L1 rescale"
             compare(f"{entry}, given the entries it kept (vs {how})", x, want, tolerance(want, v.dtype),
-                    "keep each entry with probability 1 - drop_rate, then multiply the kept entries by " + (
-                        "1 / (1 - drop_rate)" if rescale == "inverse" else "||tau||_1 / ||kept||_1 of the tensor"),
+                    float32_hint(x, want, v.dtype, "keep each entry with probability 1 - drop_rate, then multiply the "
+                                 "kept entries by " + ("1 / (1 - drop_rate)" if rescale == "inverse" else
+                                                       "||tau||_1 / ||kept||_1 of the tensor")),
                     dare_suspects(v, kept[k], p, rescale, vector, kept))
             n = v.numel()
             if n >= 1000 and 0 < p < 1:
@@ -749,19 +871,39 @@ def slerp_inputs(seed: int, cases=SLERP_CASES, edge: bool = False) -> dict:
 
 
 def slerp_collect(inputs: dict, slerp) -> dict:
-    """Each case's merge at each of its ts, on copies of a and b."""
-    return {"cases": [[attempt(slerp, {k: v.clone() for k, v in case["a"].items()},
-                               {k: v.clone() for k, v in case["b"].items()}, t) for t in case["ts"]]
-                      for case in inputs["cases"]]}
+    """Each case's merge at each of its ts, on copies of a and b, and the entries of each merge that share storage
+    with a or b."""
+    cases, shared = [], []
+    for case in inputs["cases"]:
+        merges, sharing = [], []
+        for t in case["ts"]:
+            a, b = ({k: v.clone() for k, v in case[x].items()} for x in ("a", "b"))
+            merged = attempt(slerp, a, b, t)
+            storages = {v.untyped_storage().data_ptr() for sd in (a, b) for v in sd.values()
+                        if isinstance(v, torch.Tensor) and v.numel()}
+            merges.append(merged)
+            sharing.append([k for k, v in merged.items() if isinstance(v, torch.Tensor) and v.numel()
+                            and v.untyped_storage().data_ptr() in storages] if isinstance(merged, dict) else [])
+        cases.append(merges)
+        shared.append(sharing)
+    return {"cases": cases, "shared": shared}
 
 
 def slerp_variant(a: torch.Tensor, b: torch.Tensor, t: float, how: str = "", eps: float = 1e-8) -> torch.Tensor:
     """SLERP of whole tensors in float64, mergekit's way by default, and wrong ways for diagnoses: ``how`` "lerp",
     "no_fallback", "cos_threshold" (lerp only for cos > 0.9995), "degrees" (the angle in degrees), "unit" (the
-    coefficients multiply the normalised tensors) or "renormalised" (that, times (1 - t)|a| + t|b|)."""
+    coefficients multiply the normalised tensors), "renormalised" (that, times (1 - t)|a| + t|b|), "eps_clamp" (a
+    norm below eps taken as eps), "eps_added" (a / (|a| + eps)) or "raw_cos" (the cosine from the raw dot
+    product)."""
     x, y = a.double().flatten(), b.double().flatten()
     na, nb = x.norm().item(), y.norm().item()
     na1, nb1 = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
+    if how == "eps_clamp":  # F.normalize and F.cosine_similarity divide by max(norm, eps)
+        na1, nb1, how = max(na, eps), max(nb, eps), ""
+    if how == "raw_cos":  # the cosine from <a, b>, not normalised
+        na1, nb1, how = 1.0, 1.0, ""
+    if how == "eps_added":  # a / (|a| + eps)
+        na1, nb1, how = na + eps, nb + eps, ""
     cos = max(-1.0, min(1.0, ((x / na1) @ (y / nb1)).item()))
     lerp = ((1 - t) * x + t * y).view(a.shape)
     if how == "lerp" or (how not in ("no_fallback", "cos_threshold") and abs(cos) > THRESHOLD) or (
@@ -781,7 +923,8 @@ def slerp_suspects(a: torch.Tensor, b: torch.Tensor, t: float, kind: str) -> dic
                  "normalised), so cos = 0, the angle is pi/2, and the result is sin(t pi/2) b" if kind == "a = 0" else
                  "this is linear interpolation, (1 - t) a + t b, where mergekit's SLERP follows the arc: "
                  "sin((1 - t) Omega) / sin(Omega) a + sin(t Omega) / sin(Omega) b, lerp only when |cos Omega| > "
-                 "0.9995")
+                 "0.9995 (if your cos Omega is the raw dot product <a, b>, it is clamped to 1 here and the fallback "
+                 "lerps: normalise first, <a/|a|, b/|b|>)")
     suspects = {
         lerp_name: lambda: v("lerp"),
         "t runs the wrong way: t = 0 gives a, t = 1 gives b": lambda: slerp_variant(a, b, 1 - t),
@@ -792,7 +935,18 @@ def slerp_suspects(a: torch.Tensor, b: torch.Tensor, t: float, kind: str) -> dic
         "the result is renormalised to (1 - t) |a| + t |b|: mergekit's coefficients multiply the raw a and b, and "
         "the result is not rescaled": lambda: v("renormalised"),
         "the angle is in degrees: sin and cos take radians, Omega = acos(cos) as torch.acos returns it":
-        lambda: v("degrees")}
+        lambda: v("degrees"),
+        "cos Omega is the raw dot product <a, b>: normalise first, cos Omega = <a/|a|, b/|b|>": lambda: v("raw_cos"),
+        "this follows the arc where |cos Omega| > 0.9995: fall back to (1 - t) a + t b above 0.9995 (strictly), as "
+        "mergekit does": lambda: v("no_fallback"),
+        "the tensors are normalised by |a| + eps: mergekit divides by the norm itself, and takes a norm <= eps as 1":
+        lambda: v("eps_added")}
+    if kind.startswith("|a| = 1e-9"):
+        suspects["a tensor of norm at most eps is divided by eps (F.normalize and F.cosine_similarity clamp the norm "
+                 "at eps): mergekit takes its norm as 1, so it is not normalised at all"] = lambda: v("eps_clamp")
+    if not 0 <= t <= 1:
+        suspects["t is clamped to [0, 1]: mergekit extrapolates beyond the endpoints, with the same formula"] = (
+            lambda: slerp_variant(a, b, min(1.0, max(0.0, t))))
     if a.dim() == 2:
         suspects["this slerps row by row (mergekit's slerp function called on a 2-D tensor treats dim 0 as a batch): "
                  "the merge slerps each tensor as a whole, flattened"] = lambda: ref.mergekit_slerp_rows(
@@ -807,11 +961,12 @@ SLERP_HINT = ("each float tensor flattened as a whole: cos Omega = <a/|a|, b/|b|
 
 @define("09.slerp", slerp_inputs, slerp_collect)
 def slerp(inputs: dict, out: dict) -> str:
-    for case, outputs in zip(inputs["cases"], out["cases"], strict=True):
+    for case, outputs, sharing in zip(inputs["cases"], out["cases"], out["shared"], strict=True):
         a, b = case["a"], case["b"]
-        for t, got in zip(case["ts"], outputs, strict=True):
+        for t, got, shared in zip(case["ts"], outputs, sharing, strict=True):
             what = case["what"].replace("t)", f"t={t})")
             merged = as_state(what, got, list(a), "non-float entries are copied from a")
+            not_shared(what, shared, "a or b")
             for k, x in a.items():
                 entry = f"{what}['{k}']"
                 if not x.is_floating_point():
@@ -828,8 +983,8 @@ def slerp(inputs: dict, out: dict) -> str:
                         "cos Omega = 0" if kind in ("a = 0", "a = b = 0") else
                         "a and b are parallel or opposite here: sin(Omega) = 0; fall back to (1 - t) a + t b when "
                         "|cos Omega| > 0.9995" if "parallel" in kind or "opposite" in kind else SLERP_HINT))
-                compare(f"{entry} (vs mergekit's slerp)", y, want, tolerance(want, x.dtype), SLERP_HINT,
-                        slerp_suspects(x, b[k], t, kind))
+                compare(f"{entry} (vs mergekit's slerp)", y, want, tolerance(want, x.dtype),
+                        float32_hint(y, want, x.dtype, SLERP_HINT), slerp_suspects(x, b[k], t, kind))
                 same_dtype(entry, y, x)
                 if kind == "unit vectors" and 0 <= t <= 1 and abs(y.double().norm().item() - 1) > 1e-5:
                     raise AssertionError(f"{entry}: norm {y.double().norm().item():.6f}: SLERP of two unit vectors "
@@ -1010,6 +1165,12 @@ def wm_diagnosis(b: dict, got: dict, n_layers: int) -> str:
         else:
             perm = rows_as(W, expected)
         if perm is None:
+            index = {tuple(r.tolist()): i for i, r in enumerate(expected)}
+            found = [index.get(tuple(r.tolist())) for r in W]
+            if layer < n_layers - 1 and None not in found and len(set(found)) < len(found):
+                return (f"layer {2 * layer}'s rows are b's, but some unit appears twice and another not at all: the "
+                        "matching must be a permutation, one b unit for each of a's (the argmax of each row of S "
+                        "can pick a unit twice); linear_sum_assignment(S, maximize=True) gives a permutation")
             if previous is not None and rows_as(W, Wb) is not None:
                 return (f"layer {2 * layer}'s weight has its columns in b's order while the units of the layer "
                         "before are permuted: when you permute hidden units (the rows of a layer's weight and bias), "
@@ -1024,6 +1185,34 @@ def wm_diagnosis(b: dict, got: dict, n_layers: int) -> str:
                     + (" (it is b's, unpermuted)" if torch.equal(B, Bb) else "")
                     + ": permute a layer's bias with the rows of its weight")
         previous = perm
+    return ""
+
+
+def inverse(perm) -> list[int]:
+    return torch.argsort(torch.as_tensor(perm)).tolist()
+
+
+INVERSE = ("this is the inverse of the best permutation (S transposed, or the rows indexed with argsort(col)): "
+           "_, col = linear_sum_assignment(S, maximize=True) with S[j, k] between a's unit j and b's unit k matches "
+           "a's unit j with b's unit col[j], so the permuted b has W_b[col] as its rows (and W_next[:, col])")
+
+
+def wm_state_suspects(a: dict, b: dict) -> dict:
+    """For one hidden layer: diagnosis -> the state dict of that wrong version (b unpermuted, the inverse
+    permutation, a permuted instead of b, the worst permutation)."""
+    perms = one_layer_perms(a, b)
+    best = perms["best"][0]
+    return {"the hidden units were not permuted at all": b,
+            INVERSE: permute_units(b, [inverse(best)]),
+            "this permutes a, not b: apply the permutation to a copy of b": permute_units(a, [best]),
+            "this permutation minimises the similarity: linear_sum_assignment(S, maximize=True)": perms["worst"][1]}
+
+
+def wm_state_match(state: dict, suspects: dict) -> str:
+    """The first diagnosis whose state dict ``state`` equals (within 1e-9), else ""."""
+    for name, candidate in suspects.items():
+        if all(close(state[k].double(), candidate[k].double(), 1e-9) for k in candidate):
+            return name
     return ""
 
 
@@ -1061,6 +1250,12 @@ def weight_matching(inputs: dict, out: dict) -> str:
         if raised(y):
             raise AssertionError(f"{what}: the result raised on x: {raised(y)}")
         if not close(y, want, 1e-9):
+            first = state["0.weight"].double()
+            if rows_as(first, a["0.weight"].double()) is not None and rows_as(first, b["0.weight"].double()) is None:
+                raise AssertionError(f"{what}: the result is a" + (
+                    " (a copy of it)" if all(torch.equal(state[k].double(), a[k]) for k in a) else
+                    ", with its hidden units permuted") + ", not b: return a copy of b with b's hidden units permuted "
+                    "to line up with a's")
             why = wm_diagnosis(b, state, n_layers)
             compare(f"{what}: the result's outputs on 16 inputs (vs b's)", y, want, 1e-9,
                     why or "permuting hidden units must leave the function unchanged: " + WM_RULE)
@@ -1085,7 +1280,8 @@ def weight_matching(inputs: dict, out: dict) -> str:
                     suspects = {"this permutation minimises the similarity: linear_sum_assignment(S, maximize=True)":
                                 distance2(a, perms["worst"][1]),
                                 "the hidden units were not permuted at all": before}
-                advice = first_match(after, suspects, 1e-9)
+                advice = wm_state_match(state, wm_state_suspects(a, b)) if n_layers == 2 else ""
+                advice = advice or first_match(after, suspects, 1e-9)
                 raise AssertionError(
                     f"{what}: b is a with its hidden units permuted, so the matching must give a back (squared "
                     f"distance 0), got a squared distance {after:.6g} (b's is {before:.6g})"
@@ -1110,7 +1306,8 @@ def weight_matching(inputs: dict, out: dict) -> str:
                         "the next layer's columns, (W_{l+1}^a)^T W_{l+1}^b": distance2(a, perms["incoming"][1]),
                         "this is the best match without the biases: the similarity has the bias term beta^a "
                         "(beta^b)^T too": distance2(a, perms["no_bias"][1]),
-                        "the hidden units were not permuted at all": before})
+                        "the hidden units were not permuted at all": before,
+                        INVERSE: distance2(a, permute_units(b, [inverse(perms["best"][0])]))})
     return ("a permuted copy of b: b's function on 16 inputs, a and b left alone; undoes a known permutation exactly "
             "(one and two hidden layers); never moves b away from a; the best permutation of one hidden layer (brute "
             "force), and with two, no layer that can be improved alone")

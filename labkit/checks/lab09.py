@@ -607,9 +607,14 @@ def ties_merge(inputs: dict, out: dict) -> str:
                     float32_hint(got_k, want, value.dtype, TIES_HINT),
                     {name: (lambda bug=bug, k=k: bug()[k]) for name, bug in suspects.items()})
             same_dtype(entry, got_k, value)
+            if case["weights"] is None and (case["density"] >= 1 or int(case["density"] * value.numel()) >= 1):
+                # with every weight 1 and k >= 1, peft's unweighted election and count divisor are mergekit's too
+                compare(f"{entry} (vs peft's ties, every weight 1)", got_k, peft_ties_state(case)[k],
+                        tolerance(want, value.dtype), TIES_HINT)
     return ("equals mergekit's ties (per-tensor trim with k = max(1, int(density n)), the election by weighted mass "
             "with 0 as +, the disjoint mean over the agreeing weights, lam) with 2 and 3 models, unequal weights, "
-            "density 0.1 to 1, float64 and float32; peft's unweighted election and count divisor are told apart")
+            "density 0.1 to 1, float64 and float32, and peft's ties where the two agree (every weight 1); peft's "
+            "unweighted election and count divisor are told apart")
 
 
 # ---------------------------------------------------------------- 4. DARE

@@ -6,6 +6,9 @@ STAMP  := $(VENV)/.installed
 # Per-cell limit for notebooks run under nbval: it catches hangs. The 60 s budget of a
 # solution is measured by `make bench`.
 CELL_TIMEOUT ?= 300
+# The tests run in this many processes (pytest-xdist), each test file (and each notebook) in one of
+# them: much of a test's time is spent waiting on kernels, graders and the browser.
+TEST_WORKERS ?= 2
 
 .PHONY: setup vendor book test bench labs clean autograder schemas
 
@@ -33,8 +36,8 @@ labs: setup
 	$(PY) -m labkit.make_labs
 
 test: book
-	$(PY) -m pytest --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg \
-		--nbval-cell-timeout=$(CELL_TIMEOUT) solutions tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --nbval-lax \
+		--nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=$(CELL_TIMEOUT) solutions tests
 
 bench: setup
 	$(PY) -m labkit.bench solutions --nn

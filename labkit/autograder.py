@@ -45,7 +45,7 @@ VENV = "/opt/labkit-venv"
 # requirements.txt pins what the course needs; the grader needs all of it but the book, the
 # browser test and torch (installed on its own from the CPU index).
 NOT_FOR_GRADING = {"torch", "jupyter-book", "sphinx", "jupyter-cache", "myst-nb", "sphinxcontrib-bibtex",
-                   "sphinxcontrib-mermaid", "sphinx-mathjax-offline", "playwright"}
+                   "sphinxcontrib-mermaid", "sphinx-mathjax-offline", "playwright", "pytest-xdist", "execnet"}
 EXECUTABLE = 0o755
 
 

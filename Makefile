@@ -7,7 +7,10 @@ STAMP  := $(VENV)/.installed
 # solution is measured by `make bench`.
 CELL_TIMEOUT ?= 300
 # The tests run in this many processes (pytest-xdist), each test file (and each notebook) in one of
-# them: much of a test's time is spent waiting on kernels, graders and the browser.
+# them: much of a test's time is spent waiting on kernels, graders and the browser. Each process,
+# and each kernel it starts, computes on one thread (OMP_NUM_THREADS=1): two processes with two
+# threads each on two cores make PyTorch's thread pool wait on descheduled threads, many times
+# slower (a Lab 1a cell ran past its 300 s limit that way).
 TEST_WORKERS ?= 2
 
 .PHONY: setup vendor book test bench labs clean autograder schemas
@@ -36,7 +39,7 @@ labs: setup
 	$(PY) -m labkit.make_labs
 
 test: book
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --nbval-lax \
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --nbval-lax \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=$(CELL_TIMEOUT) solutions tests
 
 bench: setup

@@ -1597,3 +1597,325 @@ def mlp_forward(weights: dict, x: torch.Tensor) -> torch.Tensor:
                      if f"{layer}.bias" in weights else None)
         h = F.relu(h) if i < len(layers) - 1 else h
     return h
+
+
+# ---------------------------------------------------------------- Lab 10: scaling laws
+# Published configurations, in transformers' names (the keys of Lab 10's count_params), and their parameter counts:
+# the numel of LlamaForCausalLM / MixtralForCausalLM built on the meta device from them (tests/test_references_10.py
+# rebuilds each). Llama 3 8B: meta-llama/Meta-Llama-3-8B's config.json; Llama 2 7B: meta-llama/Llama-2-7b-hf's;
+# Mixtral 8x7B: mistralai/Mixtral-8x7B-v0.1's.
+LLAMA3_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+             "intermediate_size": 14336, "vocab_size": 128256, "tie_word_embeddings": False}
+LLAMA2_7B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+             "intermediate_size": 11008, "vocab_size": 32000, "tie_word_embeddings": False}
+MIXTRAL_8X7B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                "intermediate_size": 14336, "vocab_size": 32000, "tie_word_embeddings": False,
+                "num_local_experts": 8, "num_experts_per_tok": 2}
+LLAMA32_1B = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "head_dim": 64, "intermediate_size": 8192, "vocab_size": 128256, "tie_word_embeddings": True}
+PUBLISHED_COUNTS = {"Llama 3 8B": (LLAMA3_8B, False, 8_030_261_248), "Llama 2 7B": (LLAMA2_7B, False, 6_738_415_616),
+                    "Mixtral 8x7B": (MIXTRAL_8X7B, False, 46_702_792_704),
+                    "Mixtral 8x7B, active": (MIXTRAL_8X7B, True, 12_879_925_248),
+                    "Llama 3.2 1B (tied)": (LLAMA32_1B, False, 1_235_814_400)}
+
+# Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models" (arXiv:2203.15556), Table 3 (p. 8):
+# Approach 1's compute-optimal allocations, (parameters, FLOPs, tokens), as printed. The tokens are rounded:
+# 6 * 67e9 * 1.5e12 = 6.03e23, not 5.76e23 (5.76e23 / (6 * 67e9) = 1.43e12 tokens).
+CHINCHILLA_TABLE3 = ((400e6, 1.92e19, 8.0e9), (1e9, 1.21e20, 20.2e9), (10e9, 1.23e22, 205.1e9),
+                     (67e9, 5.76e23, 1.5e12), (175e9, 3.85e24, 3.7e12), (280e9, 9.90e24, 5.9e12),
+                     (520e9, 3.43e25, 11.0e12), (1e12, 1.27e26, 21.2e12), (10e12, 1.30e28, 216.2e12))
+# The parametric fit as Hoffmann et al. print it (Section 3.3, eq. 10), and Besiroglu et al. 2024's refit of
+# Approach 3 on the paper's own data ("Chinchilla Scaling: A replication attempt", arXiv:2404.10102, Table 1).
+CHINCHILLA_PRINTED = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+EPOCH_REFIT = {"E": 1.8172, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658}
+SCALING_NAMES = ("E", "A", "B", "alpha", "beta")
+
+
+def hf_causal_lm(config: dict) -> nn.Module:
+    """transformers' ``LlamaForCausalLM`` (or ``MixtralForCausalLM`` when ``config`` has ``num_local_experts``)
+    built on the meta device from Lab 10's configuration dict: no memory, no weights, only shapes."""
+    moe = "num_local_experts" in config
+    Config, Model = hf("mixtral" if moe else "llama", *(("MixtralConfig", "MixtralForCausalLM") if moe else
+                                                        ("LlamaConfig", "LlamaForCausalLM")))
+    extra = {"experts_implementation": "eager"} if moe else {}
+    hf_config = Config(**config, attn_implementation="eager", **extra)
+    with torch.device("meta"):
+        return Model(hf_config)
+
+
+@functools.lru_cache(maxsize=64)
+def _meta_counts(items: tuple) -> tuple[int, int, int, int]:
+    """(total, active, input embedding, output head) numel of the meta model of ``dict(items)``; parameters()
+    counts a tied head once. Active: the unused experts' share of each layer's experts subtracted."""
+    config = dict(items)
+    model = hf_causal_lm(config)
+    total = sum(p.numel() for p in model.parameters())
+    unused = 0
+    if "num_local_experts" in config:
+        E, k = config["num_local_experts"], config["num_experts_per_tok"]
+        for layer in model.model.layers:
+            experts = sum(p.numel() for p in layer.mlp.experts.parameters())
+            assert experts % E == 0
+            unused += experts // E * (E - k)
+    return total, total - unused, model.model.embed_tokens.weight.numel(), model.lm_head.weight.numel()
+
+
+def meta_numel(config: dict, active: bool = False) -> int:
+    """The parameters of transformers' model of ``config`` (active ones: those one token uses, router included)."""
+    total, used, _, _ = _meta_counts(tuple(sorted(config.items())))
+    return used if active else total
+
+
+def flops_params(config: dict) -> int:
+    """N of the FLOP count: the meta model's active parameters less the input embedding table, plus the output head
+    (a tied head is in parameters() once, as the table: it is added back)."""
+    total, used, embed, head = _meta_counts(tuple(sorted(config.items())))
+    return used - embed + (head if config.get("tie_word_embeddings", False) else 0)
+
+
+def d_attn(config: dict) -> int:
+    """The width of the queries: num_attention_heads * head_dim (head_dim = hidden_size / heads when absent)."""
+    H = config["num_attention_heads"]
+    return H * (config.get("head_dim") or config["hidden_size"] // H)
+
+
+def flops_per_token_reference(config: dict, seq_len: int, training: bool = True) -> float:
+    """Kaplan et al. 2020 (Table 1) with Hoffmann et al.'s 3x for the backward: (6 or 2) (N + n_layers seq_len
+    d_attn), N from the meta model (:func:`flops_params`)."""
+    factor = 6 if training else 2
+    return float(factor * flops_params(config) + factor * config["num_hidden_layers"] * seq_len * d_attn(config))
+
+
+def flop_counter_forward(config: dict, seq_len: int) -> dict:
+    """``torch.utils.flop_counter`` on a meta-device forward of one sequence of ``seq_len`` tokens (dense
+    configurations): the total, and the matmuls of the attention scores and weighted sums (the ``bmm``s of eager
+    attention, over the full T x T square) apart from the weights' (``mm``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = hf_causal_lm(config)
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, seq_len, dtype=torch.long))
+    ops = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    return {"total": counter.get_total_flops(), "mm": ops.get("aten.mm", 0), "bmm": ops.get("aten.bmm", 0)}
+
+
+def chinchilla_loss_reference(N, D, p: dict):
+    """L(N, D) = E + A / N^alpha + B / D^beta, in float64."""
+    N, D = (torch.as_tensor(v, dtype=torch.float64) for v in (N, D))
+    return p["E"] + p["A"] / N ** p["alpha"] + p["B"] / D ** p["beta"]
+
+
+def compute_optimal_closed_form(C: float, p: dict) -> tuple[float, float]:
+    """Hoffmann et al.'s eq. (4): G = (alpha A / (beta B))^(1/(alpha+beta)), N* = G (C/6)^(beta/(alpha+beta)),
+    D* = C / (6 N*)."""
+    a, b = p["alpha"], p["beta"]
+    G = (a * p["A"] / (b * p["B"])) ** (1 / (a + b))
+    N = G * (C / 6) ** (b / (a + b))
+    return N, C / (6 * N)
+
+
+def compute_optimal_brute_force(C: float, p: dict) -> tuple[float, float]:
+    """The minimum of L(N, C / (6 N)) over log N by bounded Brent (scipy), with no formula for the optimum."""
+    from scipy.optimize import minimize_scalar
+
+    loss = lambda log_n: p["A"] * math.exp(-p["alpha"] * log_n) + p["B"] * (C / 6) ** -p["beta"] * math.exp(
+        p["beta"] * log_n)
+    found = minimize_scalar(loss, bounds=(0.0, math.log(C / 6)), method="bounded", options={"xatol": 1e-12})
+    N = math.exp(found.x)
+    return N, C / (6 * N)
+
+
+# Approach 3: the Huber objective in log space with the log-sum-exp parametrisation, theta = (a, b, e, alpha, beta)
+# with A = exp(a), B = exp(b), E = exp(e), and the paper's grid of initialisations (Hoffmann et al., Section D.2).
+SCALING_GRID_AXES = ((0.0, 5.0, 10.0, 15.0, 20.0, 25.0), (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+                     (-1.0, -0.5, 0.0, 0.5, 1.0), (0.0, 0.5, 1.0, 1.5, 2.0), (0.0, 0.5, 1.0, 1.5, 2.0))
+# scipy's L-BFGS-B stops when (f_k - f_k+1) / max(|f_k|, |f_k+1|, 1) <= ftol (2.2e-9 by default): with Huber sums
+# of order 1e-4 that is an absolute criterion, which stops a few steps from a good start. The reference converges.
+TIGHT_LBFGS = {"ftol": 1e-15, "gtol": 1e-12, "maxiter": 20000, "maxfun": 50000}
+
+
+@functools.lru_cache(maxsize=1)
+def scaling_grid():
+    """The 4,500 initialisations (a, b, e, alpha, beta), as a NumPy array."""
+    import itertools
+
+    import numpy as np
+
+    return np.array(list(itertools.product(*SCALING_GRID_AXES)), dtype=np.float64)
+
+
+def scaling_objective(theta, log_N, log_D, log_L, delta: float = 1e-3, space: str = "log", loss: str = "huber"):
+    """sum_i Huber_delta(LSE(a - alpha log N_i, b - beta log D_i, e) - log L_i) and its gradient, in NumPy; for
+    a 2-D ``theta`` (one row per parameter vector) the values only. Wrong objectives for diagnoses: ``space="linear"``
+    (residuals exp(LSE) - L_i) and ``loss="mse"`` (half the squared residual)."""
+    import numpy as np
+
+    theta = np.asarray(theta, dtype=np.float64)
+    a, b, e, alpha, beta = (v[..., None] for v in np.moveaxis(theta, -1, 0))
+    terms = np.stack(np.broadcast_arrays(a - alpha * log_N, b - beta * log_D, e + 0 * log_N), -2)  # (..., 3, n)
+    top = terms.max(-2, keepdims=True)
+    lse = (top + np.log(np.exp(terms - top).sum(-2, keepdims=True)))[..., 0, :]
+    weights = np.exp(terms - lse[..., None, :])  # d lse / d term
+    if space == "log":
+        r, dr = lse - log_L, weights
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            predicted = np.exp(lse)
+            r, dr = predicted - np.exp(log_L), weights * predicted[..., None, :]
+    with np.errstate(over="ignore", invalid="ignore"):
+        if loss == "huber":
+            value = np.where(np.abs(r) <= delta, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta)).sum(-1)
+            slope = np.clip(r, -delta, delta)
+        else:
+            value, slope = 0.5 * (r * r).sum(-1), r
+        if theta.ndim > 1:
+            return np.nan_to_num(value, nan=np.inf)
+        g = dr * slope
+        grad = np.array([g[0].sum(), g[1].sum(), g[2].sum(), -(g[0] @ log_N), -(g[1] @ log_D)])
+    if not np.isfinite(value) or not np.isfinite(grad).all():
+        return np.inf, np.zeros(5)
+    return float(value), grad
+
+
+def scaling_theta(params):
+    """(E, A, B, alpha, beta) -> theta = (log A, log B, log E, alpha, beta)."""
+    import numpy as np
+
+    E, A, B, alpha, beta = (float(v) for v in params)
+    return np.array([math.log(A), math.log(B), math.log(E), alpha, beta])
+
+
+def scaling_params(theta) -> tuple[float, ...]:
+    """theta -> (E, A, B, alpha, beta)."""
+    a, b, e, alpha, beta = (float(v) for v in theta)
+    return math.exp(e), math.exp(a), math.exp(b), alpha, beta
+
+
+def scaling_logs(N, D, L) -> tuple:
+    import numpy as np
+
+    return tuple(np.log(np.asarray(v, dtype=np.float64)) for v in (N, D, L))
+
+
+def fit_scaling_law_reference(N, D, L, starts=(), top: int = 5, delta: float = 1e-3, space: str = "log",
+                              loss: str = "huber") -> tuple[tuple[float, ...], float]:
+    """Approach 3 by ``scipy.optimize.minimize(method="L-BFGS-B")`` with the analytic gradient, converged
+    (:data:`TIGHT_LBFGS`), from the ``top`` best points of the paper's grid and from each of ``starts`` (rows of
+    (E, A, B, alpha, beta)): the best (E, A, B, alpha, beta) and its objective."""
+    import numpy as np
+    from scipy.optimize import minimize
+
+    logs = scaling_logs(N, D, L)
+    values = scaling_objective(scaling_grid(), *logs, delta, space, loss)
+    initial = list(scaling_grid()[np.argsort(values, kind="stable")[:top]]) + [scaling_theta(s) for s in starts]
+    best = None
+    for theta in initial:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            found = minimize(scaling_objective, theta, args=(*logs, delta, space, loss), jac=True, method="L-BFGS-B",
+                             options=TIGHT_LBFGS)
+        if np.isfinite(found.fun) and (best is None or found.fun < best.fun):
+            best = found
+    return scaling_params(best.x), float(best.fun)
+
+
+def scaling_objective_at(params, N, D, L, delta: float = 1e-3) -> float:
+    """The log-space Huber objective at (E, A, B, alpha, beta)."""
+    return scaling_objective(scaling_theta(params), *scaling_logs(N, D, L), delta)[0]
+
+
+def bootstrap_resamples(n: int, n_boot: int, seed: int) -> list[torch.Tensor]:
+    """Lab 10's rule: g = torch.Generator().manual_seed(seed); each resample torch.randint(n, (n,), generator=g)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(n, (n,), generator=g) for _ in range(n_boot)]
+
+
+def bootstrap_fits(N, D, L, resamples: list, start):
+    """(E, A, B, alpha, beta) of each resample, fitted (converged L-BFGS-B) from ``start``, one row each."""
+    import numpy as np
+    from scipy.optimize import minimize
+
+    logs = scaling_logs(N, D, L)
+    rows = []
+    for index in resamples:
+        i = np.asarray(index)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            found = minimize(scaling_objective, scaling_theta(start), args=tuple(v[i] for v in logs), jac=True,
+                             method="L-BFGS-B", options=TIGHT_LBFGS)
+        rows.append(scaling_params(found.x))
+    return np.array(rows)
+
+
+def percentile_intervals(fits, low: float = 0.025, high: float = 0.975) -> dict[str, tuple[float, float]]:
+    """Each column's (low, high) quantiles with linear interpolation (torch.quantile's and numpy's default)."""
+    import numpy as np
+
+    lo, hi = np.quantile(np.asarray(fits), [low, high], axis=0)
+    return {name: (float(a), float(b)) for name, a, b in zip(SCALING_NAMES, lo, hi)}
+
+
+def isoflop_reference(runs: list[dict]) -> list[tuple[float, float]]:
+    """Approach 2: for each budget C (sorted), ``numpy.polyfit(log N, loss, 2)`` of its runs and the vertex
+    exp(-b / 2a)."""
+    import numpy as np
+
+    out = []
+    for C in sorted({run["C"] for run in runs}):
+        group = [run for run in runs if run["C"] == C]
+        a, b, _ = np.polyfit(np.log([run["N"] for run in group]), [run["loss"] for run in group], 2)
+        out.append((C, float(np.exp(-b / (2 * a)))))
+    return out
+
+
+def train_step_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp_dtype: torch.dtype | None = None,
+                         checkpointing: bool = False, dedupe: bool = True, parameters: bool = False,
+                         loss_inside: bool = True) -> dict:
+    """One forward (``model(x)``, then the cross-entropy of the float32 logits against ``y``) and backward of a
+    copy of ``model`` (a ``labkit.nn.Decoder``), under ``torch.autocast`` when ``amp_dtype`` is given (float16: the
+    loss scaled by 2^16, the gradients divided back), and with each block wrapped in
+    ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` when ``checkpointing``. ``saved_bytes``: what the
+    pack hook of ``torch.autograd.graph.saved_tensors_hooks`` sees during the forward, each storage once (by data
+    pointer), the parameters' storages excluded. For diagnoses: ``dedupe=False`` (every saved tensor's own bytes),
+    ``parameters=True`` (the parameters' storages counted), ``loss_inside=False`` (the loss outside the hooks)."""
+    import copy
+
+    from torch.utils.checkpoint import checkpoint
+
+    model = copy.deepcopy(model)
+    model.zero_grad(set_to_none=True)
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+    each: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if parameters or storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+            each.append(t.numel() * t.element_size())
+        return t
+
+    class Checkpointed(nn.Module):
+        def __init__(self, block: nn.Module):
+            super().__init__()
+            self.block = block
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return checkpoint(self.block, h, use_reentrant=False)
+
+    if checkpointing:
+        model.blocks = nn.ModuleList(Checkpointed(block) for block in model.blocks)
+    scale = 2.0 ** 16 if amp_dtype == torch.float16 else 1.0
+    device = x.device.type
+    with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(x)
+            if loss_inside:
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        if not loss_inside:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    (loss * scale).backward()
+    if checkpointing:
+        model.blocks = nn.ModuleList(block.block for block in model.blocks)
+    grads = {name: p.grad / scale for name, p in model.named_parameters() if p.grad is not None}
+    return {"saved_bytes": sum(saved.values()) if dedupe else sum(each), "grads": grads, "loss": loss.item()}

@@ -39,7 +39,9 @@ def count_with(ns, bug: str):
         router = d * E if E > 1 and not dropped else 0
         norms = {"layer_norms": 0, "no_norms": 0, "norm_bias": 4 * d}.get(bug, 2 * d)
         final = {"final_norm": 0, "no_norms": 0, "norm_bias": 2 * d}.get(bug, d)
-        tied = config.get("tie_word_embeddings", False)
+        tied = {"tied_default_true": lambda: config.get("tie_word_embeddings", True),  # BUG: True when absent
+                "tied_keyerror": lambda: config["tie_word_embeddings"]}.get(  # BUG: KeyError when absent
+            bug, lambda: config.get("tie_word_embeddings", False))()
         tables = {"no_embeddings": 0, "tied_twice": 2, "input_table_forgotten": 0 if tied else 1}.get(
             bug, 1 if tied else 2)
         total = L * (attention + used * ffn + router + norms) + final + tables * V * d
@@ -55,7 +57,8 @@ def flops_with(ns, bug: str):
         d, V, L = config["hidden_size"], config["vocab_size"], config["num_hidden_layers"]
         H, KV = config["num_attention_heads"], config["num_key_value_heads"]
         head_dim = config.get("head_dim") or d // H
-        tied = config.get("tie_word_embeddings", False)
+        tied = config["tie_word_embeddings"] if bug == "tied_keyerror" else (  # BUG: KeyError when absent
+            config.get("tie_word_embeddings", bug == "tied_default_true"))  # BUG (tied_default_true): True when absent
         N = count_params(config, active=bug != "moe_total") - (0 if tied else V * d)
         if bug == "embedding_counted":
             N = count_params(config, active=True) + (V * d if tied else 0)  # BUG: the input table in N
@@ -175,16 +178,18 @@ def fit_with(ns, bug: str):
         start = [np.array([math.log(A), math.log(B), math.log(E), alpha, beta])]
         g = torch.Generator().manual_seed(0 if bug == "boot_fixed_seed" else seed)  # BUG (boot_fixed_seed)
         n = len(N)
-        if bug == "boot_no_replacement":
+        if bug.startswith("boot_numpy"):  # BUG: NumPy's generator, not the lab's torch.randint
+            resamples = [torch.as_tensor(i) for i in np.random.default_rng(seed).integers(0, n, size=(n_boot, n))]
+        elif bug == "boot_no_replacement":
             resamples = [torch.randperm(n, generator=g) for _ in range(n_boot)]  # BUG: a permutation
         elif bug == "boot_unseeded":
             resamples = [torch.randint(n, (n,)) for _ in range(n_boot)]  # BUG: the global generator, unseeded
         else:
             resamples = [torch.randint(n, (n,), generator=g) for _ in range(n_boot)]
         fits = np.array([fit_scaling_law(N[i], D[i], L[i], starts=start) for i in resamples])
-        if bug == "boot_minmax":
+        if bug in ("boot_minmax", "boot_numpy_minmax"):
             low, high = fits.min(0), fits.max(0)  # BUG: the range
-        elif bug == "boot_90":
+        elif bug in ("boot_90", "boot_numpy_90"):
             low, high = np.quantile(fits, [0.05, 0.95], axis=0)  # BUG: a 90% interval
         elif bug == "boot_std":
             mean, sd = fits.mean(0), fits.std(0, ddof=1)
@@ -247,7 +252,8 @@ def step_with(ns, bug: str):
         def pack(t):
             storage = t.untyped_storage()
             if bug == "counts_params" or storage.data_ptr() not in params:
-                saved[storage.data_ptr()] = storage.nbytes()
+                # BUG (tensor_data_ptr): keyed by the tensor's own address, so views at other offsets count again
+                saved[t.data_ptr() if bug == "tensor_data_ptr" else storage.data_ptr()] = storage.nbytes()
                 each.append(t.numel() * t.element_size())
             return t
 
@@ -260,20 +266,24 @@ def step_with(ns, bug: str):
             model.zero_grad(set_to_none=bug != "zeroes_in_place")
         start = time.perf_counter()
         autocast = amp_dtype is not None and bug != "no_autocast"
-        with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=autocast):
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                logits = model(x)
-                if bug != "loss_outside":
+        try:
+            with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=autocast):
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    logits = model(x)
+                    if bug != "loss_outside":
+                        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                if bug == "loss_outside":
                     loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-            if bug == "loss_outside":
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        (loss * scale).backward()
+            (loss * scale).backward()
+        finally:
+            if bug not in ("blocks_not_restored", "no_finally"):
+                model.blocks = blocks
         if bug == "optimizer_step":
             with torch.no_grad():
                 for p in model.parameters():
                     p -= 1e-3 * p.grad  # BUG: a training step changes the weights
-        if bug != "blocks_not_restored":
-            model.blocks = blocks
+        if bug == "no_finally":
+            model.blocks = blocks  # BUG: not in a finally clause, so a step that raises leaves the wrappers
         seconds = time.perf_counter() - start
         if bug == "zeroes_in_place":
             grads = {name: p.grad for name, p in model.named_parameters()}  # BUG: p.grad itself, zeroed in place later
@@ -318,6 +328,10 @@ BUGS = {
         (bug(C, "one_expert_active"), MIXTRAL + r", active=True\).*active=True counts one expert"),
         (bug(C, "k_experts_total"), MIXTRAL + r"\).*the total counts only num_experts_per_tok"),
         (bug(C, "float_result"), SMALL + r": returned the float .* it must return an int"),
+        (bug(C, "tied_default_true"), r"no tie_word_embeddings key\)\).*a config without tie_word_embeddings is "
+                                      r"untied: transformers' default is False"),
+        (bug(C, "tied_keyerror"), r"no tie_word_embeddings key\)\) raised KeyError.*a config without "
+                                  r"tie_word_embeddings is untied: transformers' default is False"),
         (bug(C, "mutates_config"), r"count_params\(a small Llama .* modified the config dict it was given"),
     ],
     "10.flops_per_token": [
@@ -332,6 +346,10 @@ BUGS = {
         (bug(FL, "attention_T_squared"), r"the attention term grows with seq_len squared"),
         (bug(FL, "n_forward_only"), r"N is multiplied by 2 \(the forward only\)"),
         (bug(FL, "moe_total"), r"a small Mixtral .*N counts all \d experts"),
+        (bug(FL, "tied_keyerror"), r"no tie_word_embeddings key\), seq_len=128\) raised KeyError.*a config without "
+                                   r"tie_word_embeddings is untied: transformers' default is False"),
+        (bug(FL, "tied_default_true"), r"no tie_word_embeddings key\), seq_len=128\).*a config without "
+                                       r"tie_word_embeddings is untied: transformers' default is False"),
         (bug(FL, "no_norms_in_N"), r"N leaves out the norms' gains"),
     ],
     "10.compute_optimal": [
@@ -363,6 +381,11 @@ BUGS = {
         (bug(FI, "boot_loose"), r"bootstrap_fit.*times as wide as the reference's.*Do your refits converge"),
         (bug(FI, "boot_minmax"), r"the smallest and largest of the bootstrap fits"),
         (bug(FI, "boot_90"), r"the 5% and 95% quantiles \(a 90% interval\)"),
+        (bug(FI, "boot_numpy_90"), r"your resamples are not the lab's: draw them with torch.randint\(n, \(n,\), "
+                                   r"generator=g\) from one generator seeded with seed.*NumPy.*; and these are the 5% "
+                                   r"and 95% quantiles \(a 90% interval\)"),
+        (bug(FI, "boot_numpy_minmax"), r"your resamples are not the lab's.*NumPy.*; and these are the smallest and "
+                                       r"largest of the bootstrap fits"),
         (bug(FI, "boot_std"), r"mean \+- 1.96 standard deviations"),
         (bug(FI, "boot_no_replacement"), r"drawn without replacement"),
         (bug(FI, "boot_unseeded"), r"is not deterministic"),
@@ -382,6 +405,9 @@ BUGS = {
         (bug(S, "detach"), r"checkpointing=True\)\['grads'\] has no gradient for \['blocks.0.*the graph is cut"),
         (bug(S, "no_checkpoint"), r"checkpointing=True\)\['saved_bytes'\].*checkpointing saves as much as without it"),
         (bug(S, "blocks_not_restored"), r"left model.blocks changed.*put the original ModuleList back"),
+        (bug(S, "no_finally"), r"with a target out of range .* left model.blocks changed.*restore the blocks in a "
+                               r"finally clause"),
+        (bug(S, "tensor_data_ptr"), r"fused projection.*\['saved_bytes'\].*keys the storages by t.data_ptr\(\)"),
         (bug(S, "no_autocast"), r"amp_dtype=torch.bfloat16\)\['saved_bytes'\].*saves as much as in float32"),
         (bug(S, "fp16_no_scaler"), r"amp_dtype=torch.float16\)\['grads'\].*float16's smallest "
                                    r"normal number.*scale the loss"),

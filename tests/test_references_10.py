@@ -288,3 +288,30 @@ def test_step_gradients_against_plain_autograd():
     loss.backward()
     name, _ = lab10.grads_problem({k: p.grad for k, p in unscaled.named_parameters()}, want, 0.5)
     assert name  # without the scale, float16 gradients are far off
+
+
+def test_fused_projection_views():
+    """The fused-attention case saves views of one storage at different offsets (q, k and v of one projection):
+    keying by the tensor's own data_ptr() counts that storage three times, the views' own bytes a third of it each;
+    the kernel's copy of FusedAttention (inside step_collect) and the module's have the same parameters."""
+    case = lab10.step_inputs(0)["cases"][2]
+    assert case["fused"]
+    model, x, y = lab10.step_model(case), case["x"], case["y"]
+    count = lambda **kw: ref.train_step_reference(model, x, y, **kw)["saved_bytes"]
+    qkv = x.numel() * 3 * case["config"]["d_model"] * 4  # the fused projection's output, float32
+    plain = count()
+    assert count(key="tensor") == plain + 2 * qkv
+    assert count(key="view") == plain - 2 * qkv // 3
+    assert set(model.state_dict()) == set(case["weights"])
+
+
+def test_bootstrap_slips_differ():
+    """The interval kinds the check diagnoses all differ from the lab's, and from each other, on the check's runs."""
+    inputs = lab10.fit_inputs(0)
+    best, _ = ref.fit_scaling_law_reference(inputs["N"], inputs["D"], inputs["loss"])
+    fits = ref.bootstrap_fits(inputs["N"], inputs["D"], inputs["loss"],
+                              ref.bootstrap_resamples(30, inputs["n_boot"], inputs["seed"]), best)
+    kinds = list(lab10.boot_kinds(fits).values())
+    for i, a in enumerate(kinds):
+        for b in kinds[i + 1:]:
+            assert not lab10.intervals_match(a, b, 1e-2)

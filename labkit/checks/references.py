@@ -1870,14 +1870,16 @@ def isoflop_reference(runs: list[dict]) -> list[tuple[float, float]]:
 
 def train_step_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp_dtype: torch.dtype | None = None,
                          checkpointing: bool = False, dedupe: bool = True, parameters: bool = False,
-                         loss_inside: bool = True) -> dict:
+                         loss_inside: bool = True, key: str = "storage") -> dict:
     """One forward (``model(x)``, then the cross-entropy of the float32 logits against ``y``) and backward of a
     copy of ``model`` (a ``labkit.nn.Decoder``), under ``torch.autocast`` when ``amp_dtype`` is given (float16: the
     loss scaled by 2^16, the gradients divided back), and with each block wrapped in
     ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` when ``checkpointing``. ``saved_bytes``: what the
     pack hook of ``torch.autograd.graph.saved_tensors_hooks`` sees during the forward, each storage once (by data
     pointer), the parameters' storages excluded. For diagnoses: ``dedupe=False`` (every saved tensor's own bytes),
-    ``parameters=True`` (the parameters' storages counted), ``loss_inside=False`` (the loss outside the hooks)."""
+    ``parameters=True`` (the parameters' storages counted), ``loss_inside=False`` (the loss outside the hooks),
+    ``key="tensor"`` (each storage keyed by the saved tensor's own ``data_ptr()``, so views at other offsets count
+    it again), ``key="view"`` (each storage once, but only as many bytes as its largest saved view)."""
     import copy
 
     from torch.utils.checkpoint import checkpoint
@@ -1891,7 +1893,10 @@ def train_step_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         if parameters or storage.data_ptr() not in own:
-            saved[storage.data_ptr()] = storage.nbytes()
+            if key == "view":
+                saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), t.numel() * t.element_size())
+            else:
+                saved[t.data_ptr() if key == "tensor" else storage.data_ptr()] = storage.nbytes()
             each.append(t.numel() * t.element_size())
         return t
 

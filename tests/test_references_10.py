@@ -293,7 +293,7 @@ def test_step_gradients_against_plain_autograd():
 def test_fused_projection_views():
     """The fused-attention case saves views of one storage at different offsets (q, k and v of one projection):
     keying by the tensor's own data_ptr() counts that storage three times, the views' own bytes a third of it each;
-    the kernel's copy of FusedAttention (inside step_collect) and the module's have the same parameters."""
+    and the model has exactly the case's parameters."""
     case = lab10.step_inputs(0)["cases"][2]
     assert case["fused"]
     model, x, y = lab10.step_model(case), case["x"], case["y"]

@@ -6,6 +6,7 @@ against forbidden built-ins, the collect of case tables, and stand-ins and probe
 """
 
 import functools
+import math
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from labkit.memory import PeakTensorMemory
 
-__all__ = ["ConcatCache", "FixedLogits", "PackageCalls", "PeakTensorMemory", "attempt", "build", "forbidding", "load_state",
+__all__ = ["ConcatCache", "FixedLogits", "FusedAttention", "PackageCalls", "PeakTensorMemory", "attempt", "build", "forbidding", "load_state",
            "load_weights", "run_cases"]
 RAISED = "raised"  # the key of an attempt that raised: {"raised": "TypeError: ..."}
 
@@ -186,6 +187,28 @@ class ConcatCache:
         self.a = a if self.a is None else torch.cat([self.a, a], dim=-2)
         self.b = b if self.b is None else torch.cat([self.b, b], dim=-2)
         return self.a, self.b
+
+
+class FusedAttention(nn.Module):
+    """Causal attention whose q, k and v are split from one fused projection: the tensors autograd saves include
+    views of one storage at different offsets (q at 0, k at d_model, v at 2 d_model), so counting by the tensors'
+    own data_ptr() counts that storage three times."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        h = self.n_heads
+        q, k, v = (t.view(B, T, h, d // h).transpose(1, 2) for t in self.qkv(x).split(d, dim=-1))
+        scores = (q.unsqueeze(3) * k.unsqueeze(2)).sum(-1) / math.sqrt(d // h)  # mul saves the views of q and k
+        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+        weights = scores.masked_fill(mask, float("-inf")).softmax(-1)
+        mixed = (weights.unsqueeze(-1) * v.unsqueeze(2)).sum(3)  # (B, h, T, d / h); saves the view of v
+        return self.out(mixed.transpose(1, 2).reshape(B, T, d))
 
 
 class FixedLogits(nn.Module):

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from labkit.checks import close, compare, define, first_match, raised, references as ref, seeded_generator
-from labkit.checks.kernel import attempt, load_weights
+from labkit.checks.kernel import FusedAttention, attempt, load_weights
 
 F64 = torch.float64
 
@@ -1034,28 +1034,6 @@ STEP_CALLS = [  # (amp_dtype name or None, checkpointing) of each call, in order
 GRAD_RTOL = {None: 1e-5, "bfloat16": 5e-2, "float16": 2e-2}  # of each parameter's largest gradient
 
 
-class FusedAttention(nn.Module):
-    """Causal attention whose q, k and v are split from one fused projection: the tensors autograd saves include
-    views of one storage at different offsets (q at 0, k at d_model, v at 2 d_model), so counting by the tensors'
-    own data_ptr() counts that storage three times."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.n_heads = config.n_heads
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
-        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, d = x.shape
-        h = self.n_heads
-        q, k, v = (t.view(B, T, h, d // h).transpose(1, 2) for t in self.qkv(x).split(d, dim=-1))
-        scores = (q.unsqueeze(3) * k.unsqueeze(2)).sum(-1) / math.sqrt(d // h)  # mul saves the views of q and k
-        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-        weights = scores.masked_fill(mask, float("-inf")).softmax(-1)
-        mixed = (weights.unsqueeze(-1) * v.unsqueeze(2)).sum(3)  # (B, h, T, d / h); saves the view of v
-        return self.out(mixed.transpose(1, 2).reshape(B, T, d))
-
-
 def step_decoder(case: dict) -> nn.Module:
     """The case's labkit.nn.Decoder (with :class:`FusedAttention` when the case says so), before its weights."""
     from labkit.nn import Config, Decoder
@@ -1105,26 +1083,7 @@ def step_collect(inputs: dict, train_step_cost) -> dict:
     taken at once, None where there is none; the names in grads that are not parameters), whether the call left
     the model's parameters, its blocks (a ModuleList holding the same blocks, in order) and the batch as they
     were; and, after all the calls, which returned gradients a later call changed."""
-    import math
-
     from labkit.nn import Config, Decoder
-
-    class FusedAttention(nn.Module):  # the kernel's copy of the module-level FusedAttention (collect is kernel-only)
-        def __init__(self, config):
-            super().__init__()
-            self.n_heads = config.n_heads
-            self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
-            self.out = nn.Linear(config.d_model, config.d_model, bias=False)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            B, T, d = x.shape
-            h = self.n_heads
-            q, k, v = (t.view(B, T, h, d // h).transpose(1, 2) for t in self.qkv(x).split(d, dim=-1))
-            scores = (q.unsqueeze(3) * k.unsqueeze(2)).sum(-1) / math.sqrt(d // h)
-            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-            weights = scores.masked_fill(mask, float("-inf")).softmax(-1)
-            mixed = (weights.unsqueeze(-1) * v.unsqueeze(2)).sum(3)
-            return self.out(mixed.transpose(1, 2).reshape(B, T, d))
 
     out = []
     for case in inputs["cases"]:

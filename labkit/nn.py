@@ -87,15 +87,16 @@ class MultiHeadAttention(nn.Module):
     shared key-value heads and cache and Lab 3's RoPE, on PyTorch's fused attention."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, bias: bool = True,
-                 rope_base: float | None = None, causal: bool = False, dropout: float = 0.0):
+                 rope_base: float | None = None, causal: bool = False, dropout: float = 0.0,
+                 head_dim: int | None = None):
         super().__init__()
-        assert d_model % n_heads == 0, "d_model must be a multiple of n_heads"
-        self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads or n_heads, d_model // n_heads
+        assert head_dim or d_model % n_heads == 0, "d_model must be a multiple of n_heads"
+        self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads or n_heads, head_dim or d_model // n_heads
         self.rope_base, self.causal, self.dropout = rope_base, causal, dropout
-        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.q_proj = nn.Linear(d_model, n_heads * self.d_head, bias=bias)
         self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.d_head, bias=bias)
         self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.d_head, bias=bias)
-        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.out_proj = nn.Linear(n_heads * self.d_head, d_model, bias=bias)
 
     def split_heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
         """(B, T, n_heads * d_head) -> (B, n_heads, T, d_head)"""
@@ -105,7 +106,7 @@ class MultiHeadAttention(nn.Module):
                 cache=None) -> torch.Tensor:
         """x: (B, T, d_model); context: keys and values come from it (x when None); mask: bool, True =
         may attend; cache: an object whose ``update(k, v)`` appends and returns all keys and values."""
-        B, T, d_model = x.shape
+        B, T, _ = x.shape
         context = x if context is None else context
         q = self.split_heads(self.q_proj(x), self.n_heads)  # (B, H, T, d_head)
         k = self.split_heads(self.k_proj(context), self.n_kv_heads)  # (B, H_kv, T_k, d_head)
@@ -123,7 +124,7 @@ class MultiHeadAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                              dropout_p=self.dropout if self.training else 0.0,
                                              enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, d_head)
-        return self.out_proj(out.transpose(1, 2).reshape(B, T, d_model))
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.d_head))
 
 
 class FeedForward(nn.Module):
@@ -152,16 +153,34 @@ class SwiGLU(nn.Module):
 
 
 
+def mix_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_up_proj: torch.Tensor,
+                down_proj: torch.Tensor) -> torch.Tensor:
+    """Each token's weighted sum over its k experts, SwiGLU experts stacked as transformers holds them: x (N, d),
+    weights and indices (N, k), gate_up_proj (E, 2 d_ff, d) with the gate rows first, down_proj (E, d, d_ff)."""
+    expert = indices.flatten()  # (N k,)
+    order = expert.argsort(stable=True)  # assignments grouped by expert
+    counts = torch.bincount(expert, minlength=gate_up_proj.shape[0])
+    y = torch.zeros_like(x)
+    for e, assignments in enumerate(order.split(counts.tolist())):
+        tokens = assignments // indices.shape[1]
+        gate, up = F.linear(x[tokens], gate_up_proj[e]).chunk(2, dim=-1)
+        out = F.linear(F.silu(gate) * up, down_proj[e])
+        y.index_add_(0, tokens, out * weights.flatten()[assignments, None])
+    return y
+
+
 class MoE(nn.Module):
     """Lab 5's sparse mixture of SwiGLU experts with Mixtral's router, in its layout (``router.weight`` (E, d),
-    ``gate_up_proj`` (E, 2 d_ff, d), ``down_proj`` (E, d, d_ff)): x (..., d) -> (..., d). Each call keeps the
-    router logits (N, E) in ``router_logits`` and the expert of each token's k choices in ``indices`` (N, k);
-    with ``balance`` > 0 it sets ``aux_loss`` to ``balance`` times this layer's Switch balancing loss (the
-    decoder sums the layers' losses; Lab 5 pools them, as transformers does)."""
+    ``gate_up_proj`` (E, 2 d_ff, d), ``down_proj`` (E, d, d_ff)): x (..., d) -> (..., d). The router takes a
+    softmax over all experts and keeps the top k, renormalised to sum to 1 (Mixtral) or not (``renormalize=False``,
+    Jamba). Each call keeps the router logits (N, E) in ``router_logits`` and the expert of each token's k choices
+    in ``indices`` (N, k); with ``balance`` > 0 it sets ``aux_loss`` to ``balance`` times this layer's Switch
+    balancing loss (the decoder sums the layers' losses; Lab 5 pools them, as transformers does)."""
 
-    def __init__(self, d_model: int, d_ff: int, n_experts: int, k: int, balance: float = 0.01):
+    def __init__(self, d_model: int, d_ff: int, n_experts: int, k: int, balance: float = 0.01,
+                 renormalize: bool = True):
         super().__init__()
-        self.n_experts, self.k, self.balance = n_experts, k, balance
+        self.n_experts, self.k, self.balance, self.renormalize = n_experts, k, balance, renormalize
         self.router = nn.Linear(d_model, n_experts, bias=False)
         self.gate_up_proj = nn.Parameter(torch.randn(n_experts, 2 * d_ff, d_model) * 0.02)
         self.down_proj = nn.Parameter(torch.randn(n_experts, d_model, d_ff) * 0.02)
@@ -171,20 +190,170 @@ class MoE(nn.Module):
         self.router_logits = self.router(flat)  # (N, E)
         probs = self.router_logits.float().softmax(dim=-1)
         weights, self.indices = probs.topk(self.k, dim=-1)  # (N, k)
-        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
-        expert = self.indices.flatten()
-        order = expert.argsort(stable=True)  # assignments grouped by expert
-        y = torch.zeros_like(flat)
-        counts = torch.bincount(expert, minlength=self.n_experts)
-        for e, assignments in enumerate(order.split(counts.tolist())):
-            tokens = assignments // self.k
-            gate, up = F.linear(flat[tokens], self.gate_up_proj[e]).chunk(2, dim=-1)
-            out = F.linear(F.silu(gate) * up, self.down_proj[e])
-            y.index_add_(0, tokens, out * weights.flatten()[assignments, None])
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        y = mix_experts(flat, weights.to(x.dtype), self.indices, self.gate_up_proj, self.down_proj)
         if self.balance:
             f = F.one_hot(self.indices, self.n_experts).float().mean(dim=0)  # (k, E)
             self.aux_loss = self.balance * self.n_experts * (f * probs.mean(dim=0)).sum()
         return y.view(x.shape)
+
+
+class DeepSeekMoE(nn.Module):
+    """Lab 5's DeepSeek-V3 mixture: routed SwiGLU experts (stacked as :class:`MoE`'s) chosen by a sigmoid router,
+    plus ``shared`` experts that every token uses (one SwiGLU of width ``n_shared * d_ff``). Choice: the scores
+    ``sigmoid(router(x))`` plus ``score_bias`` (the auxiliary-loss-free balancing bias; it steers the choice, not
+    the weights); only the ``topk_group`` best of ``n_group`` expert groups (a group's score: its two best experts)
+    are open, and the top k experts among them are taken. Weights: their sigmoid scores, renormalised to sum to 1
+    (``renormalize``), times ``scale`` (``routed_scaling_factor``)."""
+
+    def __init__(self, d_model: int, d_ff: int, n_experts: int, k: int, n_shared: int = 1, n_group: int = 1,
+                 topk_group: int = 1, scale: float = 1.0, renormalize: bool = True):
+        super().__init__()
+        self.n_experts, self.k, self.n_group, self.topk_group = n_experts, k, n_group, topk_group
+        self.scale, self.renormalize = scale, renormalize
+        self.router = nn.Linear(d_model, n_experts, bias=False)
+        self.register_buffer("score_bias", torch.zeros(n_experts))
+        self.gate_up_proj = nn.Parameter(torch.randn(n_experts, 2 * d_ff, d_model) * 0.02)
+        self.down_proj = nn.Parameter(torch.randn(n_experts, d_model, d_ff) * 0.02)
+        self.shared = SwiGLU(d_model, n_shared * d_ff)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, d) -> each token's expert weights and indices (N, k)."""
+        scores = self.router(x).float().sigmoid()  # (N, E)
+        choice = scores + self.score_bias
+        groups = choice.view(len(x), self.n_group, -1).topk(2, dim=-1).values.sum(dim=-1)  # (N, n_group)
+        best = groups.topk(self.topk_group, dim=-1).indices
+        open_group = torch.zeros_like(groups, dtype=torch.bool).scatter(1, best, True)
+        open_expert = open_group.repeat_interleave(self.n_experts // self.n_group, dim=1)  # (N, E)
+        indices = choice.masked_fill(~open_expert, float("-inf")).topk(self.k, dim=-1).indices  # (N, k)
+        weights = scores.gather(1, indices)
+        if self.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scale, indices
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # (N, d)
+        weights, self.indices = self.route(flat)
+        y = mix_experts(flat, weights.to(x.dtype), self.indices, self.gate_up_proj, self.down_proj)
+        return (y + self.shared(flat)).view(x.shape)
+
+
+class LatentAttention(nn.Module):
+    """Lab 2's multi-head latent attention (DeepSeek-V2 and V3), causal, from tensor operations.
+
+    Queries: ``q_proj(x)``, or ``q_b_proj(q_a_norm(q_a_proj(x)))`` through a rank-``q_lora_rank`` bottleneck; per
+    head ``qk_nope_head_dim`` numbers without position and ``qk_rope_head_dim`` rotated ones. Keys and values come
+    from one latent per token, ``kv_a_norm`` of the first ``kv_lora_rank`` outputs of ``kv_a_proj(x)``, expanded per
+    head by ``kv_b_proj`` into the keys' unrotated part and the values; the keys' rotated part is the last
+    ``qk_rope_head_dim`` outputs of ``kv_a_proj``, one for all heads. RoPE here is the rotate-half layout of
+    :func:`apply_rope` (DeepSeek's checkpoints rotate interleaved pairs: permute their rows to load them). A cache's
+    ``update(latent, k_rope)`` keeps what decoding needs: (B, 1, T, kv_lora_rank) and (B, 1, T, qk_rope_head_dim).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, kv_lora_rank: int, qk_nope_head_dim: int, qk_rope_head_dim: int,
+                 v_head_dim: int, q_lora_rank: int | None = None, rope_base: float = 10000.0, eps: float = 1e-6,
+                 bias: bool = False):
+        super().__init__()
+        self.n_heads, self.kv_lora_rank, self.rope_base = n_heads, kv_lora_rank, rope_base
+        self.d_nope, self.d_rope, self.d_v = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        d_qk = qk_nope_head_dim + qk_rope_head_dim
+        if q_lora_rank is None:
+            self.q_proj = nn.Linear(d_model, n_heads * d_qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d_model, q_lora_rank, bias=bias)
+            self.q_a_norm = nn.RMSNorm(q_lora_rank, eps=eps)
+            self.q_b_proj = nn.Linear(q_lora_rank, n_heads * d_qk, bias=False)
+        self.kv_a_proj = nn.Linear(d_model, kv_lora_rank + qk_rope_head_dim, bias=bias)
+        self.kv_a_norm = nn.RMSNorm(kv_lora_rank, eps=eps)
+        self.kv_b_proj = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
+        self.out_proj = nn.Linear(n_heads * v_head_dim, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H = self.n_heads
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+        q_nope, q_rope = q.view(B, T, H, -1).transpose(1, 2).split([self.d_nope, self.d_rope], dim=-1)
+        latent, k_rope = self.kv_a_proj(x).split([self.kv_lora_rank, self.d_rope], dim=-1)
+        latent, k_rope = self.kv_a_norm(latent)[:, None], k_rope[:, None]  # (B, 1, T, r), (B, 1, T, d_rope)
+        past = getattr(cache, "length", 0) if cache is not None else 0
+        cos, sin = rope_cos_sin(torch.arange(past, past + T, device=x.device), self.d_rope, self.rope_base)
+        q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, cos, sin)
+        if cache is not None:
+            latent, k_rope = cache.update(latent, k_rope)  # (B, 1, S, r), (B, 1, S, d_rope), S = past + T
+        S = latent.shape[2]
+        k_nope, v = self.kv_b_proj(latent[:, 0]).view(B, S, H, -1).transpose(1, 2).split([self.d_nope, self.d_v], -1)
+        k = torch.cat([k_nope, k_rope.expand(-1, H, -1, -1)], dim=-1)  # (B, H, S, d_nope + d_rope)
+        q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, d_nope + d_rope)
+        out = attention(q, k, v, causal_mask(T, S, x.device))  # (B, H, T, d_v)
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, H * self.d_v))
+
+
+class MambaMixer(nn.Module):
+    """Lab 8's Mamba (S6) mixer, with transformers' parameter names, from tensor operations: x (B, T, d) ->
+    (B, T, d). ``in_proj`` gives the input u and the gate z (d_inner = expand d each); u goes through a causal
+    depthwise ``conv1d`` and SiLU; ``x_proj`` reads the step size's low-rank input, B and C from it (Jamba puts an
+    RMSNorm on each: ``norm_eps``); ``dt_proj`` and softplus give the step; the selective scan
+    h_t = exp(dt A) h_{t-1} + dt B_t u_t, y_t = C_t h_t + D u_t runs as a loop over t; the output is
+    ``out_proj(y * silu(z))``. A cache keeps ``conv`` (B, d_inner, d_conv - 1), the last inputs of the
+    convolution, and ``ssm`` (B, d_inner, d_state), the state h (both None before the first call)."""
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int | None = None,
+                 conv_bias: bool = True, bias: bool = False, norm_eps: float | None = None):
+        super().__init__()
+        self.d_inner, self.d_state, self.d_conv = expand * d_model, d_state, d_conv
+        self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1,
+                                bias=conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        if norm_eps is not None:
+            self.dt_norm = nn.RMSNorm(self.dt_rank, eps=norm_eps)
+            self.b_norm = nn.RMSNorm(d_state, eps=norm_eps)
+            self.c_norm = nn.RMSNorm(d_state, eps=norm_eps)
+        self.reset_ssm()
+
+    @torch.no_grad()
+    def reset_ssm(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+        """Mamba's initialisation of the SSM: A = -(1, ..., N) in each channel, D = 1, and step sizes log-uniform
+        in [dt_min, dt_max] at the start (``dt_proj``'s bias is softplus's inverse of them)."""
+        self.A_log.copy_(torch.arange(1, self.d_state + 1, dtype=torch.float32).log().expand(self.d_inner, -1))
+        self.D.fill_(1.0)
+        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, d_inner) each
+        u = u.transpose(1, 2)  # (B, d_inner, T)
+        window = getattr(cache, "conv", None)
+        if window is None:
+            window = u.new_zeros(B, self.d_inner, self.d_conv - 1)
+        u = torch.cat([window, u], dim=-1)  # (B, d_inner, d_conv - 1 + T)
+        if cache is not None:
+            cache.conv = u[..., u.shape[-1] - (self.d_conv - 1):]
+        u = F.silu(F.conv1d(u, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)).transpose(1, 2)
+        dt, B_t, C_t = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if hasattr(self, "dt_norm"):
+            dt, B_t, C_t = self.dt_norm(dt), self.b_norm(B_t), self.c_norm(C_t)
+        dt = F.softplus(self.dt_proj(dt))  # (B, T, d_inner)
+        A = -torch.exp(self.A_log.float())  # (d_inner, N)
+        h = getattr(cache, "ssm", None)
+        h = u.new_zeros(B, self.d_inner, self.d_state) if h is None else h
+        ys = []
+        for t in range(T):
+            h = torch.exp(dt[:, t, :, None] * A) * h + dt[:, t, :, None] * B_t[:, t, None, :] * u[:, t, :, None]
+            ys.append(h @ C_t[:, t, :, None])  # (B, d_inner, 1)
+        if cache is not None:
+            cache.ssm = h
+        y = torch.cat(ys, dim=-1).transpose(1, 2) + u * self.D  # (B, T, d_inner)
+        return self.out_proj(y * F.silu(z))
+
 
 class BertLayer(nn.Module):
     """Lab 1b's post-norm encoder layer: ``ln1(x + attn(x))``, then ``ln2(h + fc2(GELU(fc1(h))))``."""

@@ -19,6 +19,7 @@ class History:
     steps: list[int] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # training seconds at each evaluation
     seconds: float = 0.0  # training time, evaluations excluded
     tokens: int = 0       # tokens trained on
 
@@ -106,6 +107,7 @@ def train(model: torch.nn.Module, train_data: torch.Tensor, val_data: torch.Tens
         out_of_time = max_seconds is not None and history.seconds >= max_seconds
         if step % eval_every == 0 or step == steps or out_of_time:
             history.steps.append(step)
+            history.times.append(history.seconds)
             history.train_loss.append(estimate_loss(model, train_data, block_size, batch_size, eval_batches, device))
             history.val_loss.append(estimate_loss(model, val_data, block_size, batch_size, eval_batches, device))
             bar.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{history.val_loss[-1]:.3f}")

@@ -40,7 +40,8 @@ def hf(model: str, *names: str):
 
 def preload() -> None:
     """Import every module a reference may need, now: the grader does it before any kernel runs."""
-    for model in ("llama", "mistral", "mixtral", "qwen2_moe", "mamba", "mamba2", "gpt2", "bert", "t5", "deepseek_v3"):
+    for model in ("llama", "mistral", "mixtral", "qwen2_moe", "mamba", "mamba2", "gpt2", "bert", "t5", "deepseek_v3",
+                  "jamba"):
         hf(model, "__name__")
     sentence_transformers()
     import tokenizers  # noqa: F401
@@ -1924,3 +1925,652 @@ def train_step_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp
         model.blocks = nn.ModuleList(block.block for block in model.blocks)
     grads = {name: p.grad / scale for name, p in model.named_parameters() if p.grad is not None}
     return {"saved_bytes": sum(saved.values()) if dedupe else sum(each), "grads": grads, "loss": loss.item()}
+
+
+# ---------------------------------------------------------------- Lab 11: open models
+# transformers 5.23's causal LMs of the five families of Lab 11, as the checks use them: built offline from small
+# configurations with eager attention and eager experts, in float32 eval mode, with every parameter drawn from the
+# check's generator (transformers' own init leaves norm gains at 1, DeepSeek's correction bias at 0 and Mamba's
+# A_log, D and dt bias at fixed values, which would hide the bugs that swap or drop them). Notes:
+# tests/lab11_reference_notes.md.
+OPEN_FAMILIES = ("llama", "mixtral", "deepseek_v3", "mamba", "jamba")
+OPEN_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+                "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+                "mamba": ("MambaConfig", "MambaForCausalLM"), "jamba": ("JambaConfig", "JambaForCausalLM"),
+                "mistral": ("MistralConfig", "MistralForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+                "gpt2": ("GPT2Config", "GPT2LMHeadModel")}
+NO_SPECIAL_TOKENS = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+# Small sizes (hidden 32, vocab 96) whose expert rows are multiples of 16 bytes (notes §0.1), with DeepSeek's
+# n_routed_experts divisible by n_group and key-value heads = heads (§0.5).
+OPEN_SIZES = {
+    "llama": {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
+    "mixtral": {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 24, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "deepseek_v3": {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 8,
+                    "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+                    "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 2,
+                    "topk_group": 1, "routed_scaling_factor": 2.5, "first_k_dense_replace": 1, "q_lora_rank": 16,
+                    "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}, "legacy_rope": True},
+    "mamba": {"vocab_size": 96, "hidden_size": 32, "state_size": 8, "num_hidden_layers": 2, "expand": 2,
+              "conv_kernel": 4},
+    "jamba": {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
+              "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 0,
+              "mamba_d_state": 8, "mamba_d_conv": 4, "mamba_expand": 2},
+}
+OPEN_MARGIN = 2e-3  # the smallest top-1 / top-2 logit gap allowed at any greedy step (the logits' tolerance is 1e-4)
+
+
+def open_config(config: dict):
+    """transformers' configuration object of a Lab 11 config dict (``model_type`` names the family)."""
+    Config = hf(config["model_type"], OPEN_CLASSES[config["model_type"]][0])
+    return Config(**{k: v for k, v in config.items() if k != "model_type"})
+
+
+def open_config_dict(family: str, sizes: dict) -> dict:
+    """A config.json dict of a model of ``sizes``, with no special tokens, that leaves out every field at its
+    class default (so that the student's defaults count: Mixtral's theta 1e6, the norms' eps, Mamba's tied head),
+    keeps ``model_type``, and, with ``"legacy_rope": True`` in ``sizes``, gives theta as a top-level ``rope_theta``
+    (transformers 4's config.json)."""
+    sizes = dict(sizes)
+    legacy = sizes.pop("legacy_rope", False)
+    Config = hf(family, OPEN_CLASSES[family][0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found, default = Config(**sizes, **NO_SPECIAL_TOKENS).to_dict(), Config().to_dict()
+    noise = ("transformers_version", "architectures", "dtype", "_name_or_path", "torch_dtype")
+    config = {k: v for k, v in found.items() if k not in noise and (k in sizes or k in NO_SPECIAL_TOKENS or
+                                                                      v != default.get(k))}
+    config["model_type"] = family
+    if legacy and "rope_parameters" in config:
+        config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]
+    return json.loads(json.dumps(config))  # plain JSON values, as config.json holds them
+
+
+def open_model(config: dict, state: dict | None = None, meta: bool = False, **changes) -> nn.Module:
+    """transformers' model of ``config`` (a Lab 11 config dict, with ``changes`` applied) in float32 eval mode,
+    eager attention and experts, carrying ``state`` (strict), or on the meta device."""
+    hf_config = open_config(config | changes)
+    Model = hf(config["model_type"], OPEN_CLASSES[config["model_type"]][1])
+    extra = {"experts_implementation": "eager"} if config["model_type"] in ("mixtral", "deepseek_v3", "jamba",
+                                                                             "qwen2_moe") else {}
+    hf_config._attn_implementation = "eager"
+    for key, value in extra.items():
+        setattr(hf_config, "_" + key, value)
+    if meta:
+        with torch.device("meta"):
+            return Model(hf_config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_state = torch.get_rng_state()
+        model = Model(hf_config)  # its own init draws from the global generator: restored, so checks stay seeded
+        torch.set_rng_state(torch_state)
+    if state is not None:
+        model.load_state_dict(state, strict=True)
+    return model.float().eval()
+
+
+def open_weights(model: nn.Module, g: torch.Generator, scale: float = 1.0) -> dict:
+    """Every parameter and persistent buffer of ``model`` drawn from ``g`` (a fresh state dict; the model keeps its
+    own): matrices N(0, scale^2 / fan_in) (the Mamba mixers' out_proj 3 times larger: a tied head otherwise predicts
+    the current token again and again), embeddings N(0, 0.09), lm_head N(0, 9 / hidden) (sharp logits), norm gains
+    1 + 0.3 N(0, 1), DeepSeek's e_score_correction_bias 0.1 N(0, 1) (comparable to its sigmoid scores, so that it
+    changes the selection), and the Mamba mixers' A_log = log(1..N) + 0.5 N, D = 1 + 0.5 N, dt_proj.bias = the
+    inverse softplus of dt log-uniform in [0.01, 0.5], conv1d N(0, 0.25), conv and projection biases 0.3 N. A tied
+    lm_head is the embedding table."""
+    state = {}
+    for name, t in model.state_dict().items():
+        shape = t.shape
+        randn = lambda *s: torch.randn(*(s or shape), generator=g)
+        if name.endswith("A_log"):
+            value = torch.log(torch.arange(1, shape[-1] + 1, dtype=torch.float32)).expand(shape) + 0.5 * randn()
+        elif name.endswith(".D"):
+            value = 1 + 0.5 * randn()
+        elif name.endswith("dt_proj.bias"):
+            dt = torch.exp(math.log(0.01) + (math.log(0.5) - math.log(0.01)) * torch.rand(shape, generator=g))
+            value = dt + torch.log(-torch.expm1(-dt))  # softplus(value) = dt
+        elif name.endswith("conv1d.weight"):
+            value = 0.5 * randn()
+        elif name.endswith("e_score_correction_bias"):
+            value = 0.1 * randn()
+        elif name.endswith(("embed_tokens.weight", "embeddings.weight", "wte.weight")):
+            value = 0.3 * randn()
+        elif name.endswith(("mixer.out_proj.weight", "mamba.out_proj.weight")):
+            value = 3 * scale * randn() / math.sqrt(shape[-1])
+        elif name.endswith("lm_head.weight"):
+            value = 3 * randn() / math.sqrt(shape[-1])
+        elif t.dim() == 1 and "norm" in name:
+            value = 1 + 0.3 * randn()
+        elif t.dim() == 1:
+            value = 0.3 * randn()
+        else:
+            value = scale * randn() / math.sqrt(shape[-1])
+        state[name] = value.to(t.dtype).contiguous()
+    if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in state:
+        table = next(k for k in state if k.endswith(("embed_tokens.weight", "embeddings.weight", "wte.weight")))
+        state["lm_head.weight"] = state[table].clone()
+    return state
+
+
+def open_greedy(model: nn.Module, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """transformers' greedy ``generate``: n new tokens, no sampling, no end-of-sequence token (notes §6)."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, do_sample=False,
+                              eos_token_id=None, pad_token_id=None)
+
+
+def open_argmax_loop(model: nn.Module, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy decoding without a cache: the full forward of the whole sequence, argmax of its last logits, appended,
+    n times (what ``generate`` must equal)."""
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(idx, use_cache=False).logits
+            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+def open_decode(model: nn.Module, idx: torch.Tensor, n: int, positions: str = "advance") -> torch.Tensor:
+    """Greedy decoding with transformers' cache, one token per step, and the RoPE positions of the decoded tokens
+    chosen: "advance" (T, T + 1, ...: right), "zero" (every decoded token at position 0, a cache whose length never
+    advances) or "prompt" (every decoded token at position T: the length counted once, at the prefill)."""
+    from transformers.cache_utils import DynamicCache
+
+    B, T = idx.shape
+    if model.config.model_type == "mamba":
+        raise ValueError("Mamba has no positions")
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(idx, past_key_values=cache, use_cache=True, position_ids=torch.arange(T).expand(B, T))
+        for step in range(n):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            idx = torch.cat([idx, token], dim=1)
+            if step == n - 1:
+                break
+            at = {"advance": T + step, "zero": 0, "prompt": T}[positions]
+            out = model(token, past_key_values=out.past_key_values, use_cache=True,
+                        position_ids=torch.full((B, 1), at))
+    return idx
+
+
+def greedy_margins(model: nn.Module, tokens: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, n) the top-1 minus top-2 logit at each greedy step of ``tokens`` (prompt of T tokens, then the greedy
+    ones), from one full forward: a step whose gap is below the logits' tolerance could flip on rounding."""
+    with torch.no_grad():
+        logits = model(tokens[:, :-1], use_cache=False).logits[:, T - 1:].double()
+    top = logits.topk(2, dim=-1).values
+    return top[..., 0] - top[..., 1]
+
+
+def layer_outputs(layers, run) -> list[torch.Tensor]:
+    """The output hidden states of each module of ``layers`` while ``run()`` runs (forward hooks)."""
+    found = []
+
+    def hook(module, args, output):
+        found.append((output[0] if isinstance(output, tuple) else output).detach().clone())
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+def open_layers(model: nn.Module):
+    """The decoder layers of a transformers causal LM of Lab 11."""
+    return (model.backbone if hasattr(model, "backbone") else model.model).layers
+
+
+@functools.lru_cache(maxsize=64)
+def open_case(family: str, seed: int, sizes: str = "{}", batch: tuple = (2, 7), prompt: tuple = (2, 5),
+              n_new: int = 20, scale: float = 1.0) -> dict:
+    """The reference of one Lab 11 check case (a dict: family, config, state, idx, its logits and per-layer outputs
+    "layers", the prompt, transformers' greedy "tokens" after it, their smallest "margin" and the "draws" it took), the same in every process for the same arguments: a model of
+    ``OPEN_SIZES[family]`` updated by ``sizes`` (a JSON object, so that the cache can key on it), weights drawn by :func:`open_weights` from
+    ``seed``, random ids of shape ``batch`` and a prompt of shape ``prompt``. The weights are redrawn (at most 20
+    times) until every greedy step of transformers' ``generate`` has a top-1 / top-2 gap of at least OPEN_MARGIN."""
+    config = open_config_dict(family, OPEN_SIZES[family] | json.loads(sizes))
+    g = torch.Generator().manual_seed(seed)
+    model = open_model(config)
+    for draw in range(1, 21):
+        state = open_weights(model, g, scale)
+        model.load_state_dict(state)
+        V = config["vocab_size"]
+        idx = torch.randint(0, V, batch, generator=g)
+        start = torch.randint(0, V, prompt, generator=g)
+        tokens = open_greedy(model, start, n_new)
+        margin = float(greedy_margins(model, tokens, prompt[1]).min())
+        if margin >= OPEN_MARGIN:
+            break
+    else:
+        raise RuntimeError(f"open_case({family}, {seed}): no draw with greedy margins >= {OPEN_MARGIN}")
+    with torch.no_grad():
+        layers = layer_outputs(open_layers(model), lambda: model(idx, use_cache=False))
+        logits = model(idx, use_cache=False).logits
+    return {"family": family, "config": config, "state": state, "idx": idx, "logits": logits, "layers": layers,
+            "prompt": start, "tokens": tokens, "margin": margin, "draws": draw}
+
+
+# ------------------------------------------- Lab 11: wrong versions of the conversion, for diagnoses
+def rope_halves_order(d: int) -> torch.Tensor:
+    """P = [0, 2, 4, ..., 1, 3, 5, ...]: x[..., P] takes an interleaved layout (pairs (x0, x1), (x2, x3), ...) to
+    the halves layout of rotate_half. transformers' DeepSeek-V3 applies rotate_half to q[..., P] (notes §2), and
+    Meta's Llama checkpoints are HF's rows permuted by P^-1 (convert_llama_weights_to_hf's permute)."""
+    return torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)])
+
+
+def permute_head_rows(w: torch.Tensor, n_heads: int, head_dim: int, order: torch.Tensor, start: int = 0,
+                      width: int | None = None) -> torch.Tensor:
+    """Rows of ``w`` (n_heads * head_dim, ...) with, in each head, rows start .. start + width reordered by
+    ``order`` (a permutation of width)."""
+    width = head_dim if width is None else width
+    out = w.clone().view(n_heads, head_dim, *w.shape[1:])
+    out[:, start:start + width] = out[:, start:start + width][:, order]
+    return out.reshape(w.shape)
+
+
+def _router_patch(kind: str):
+    """A replacement ``forward`` of a router module: the wrong routing ``kind``."""
+    def unnormalised(self, hidden_states):  # Mixtral's router without its renormalisation (Jamba's)
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        logits = F.linear(hidden_states, self.weight)
+        probs = F.softmax(logits.float(), dim=-1)
+        top, idx = torch.topk(probs, self.top_k, dim=-1)
+        return logits, top.to(hidden_states.dtype), idx
+
+    def renormalised(self, hidden_states):  # Jamba's router with Mixtral's renormalisation
+        logits = F.linear(hidden_states, self.weight)
+        top, idx = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float), self.top_k, dim=-1)
+        return logits, (top / top.sum(-1, keepdim=True)).to(hidden_states.dtype), idx
+
+    def deepseek(self, hidden_states, score="softmax"):  # DeepseekV3TopkRouter with softmax scores
+        hidden_states = hidden_states.view(-1, self.hidden_dim)
+        logits = F.linear(hidden_states.float(), self.weight.float())
+        scores = logits.softmax(-1) if score == "softmax" else logits.sigmoid()
+        choice = scores + self.e_score_correction_bias
+        groups = choice.view(-1, self.num_group, self.num_experts // self.num_group).topk(2, dim=-1)[0].sum(-1)
+        if score == "no_groups":
+            groups = torch.ones_like(groups)
+        picked = torch.topk(groups, k=self.topk_group if score != "no_groups" else self.num_group, dim=-1)[1]
+        mask = torch.zeros_like(groups).scatter_(1, picked, 1)
+        mask = mask.unsqueeze(-1).expand(-1, self.num_group, self.num_experts // self.num_group).reshape(
+            -1, self.num_experts)
+        choice = choice.masked_fill(~mask.bool(), float("-inf"))
+        idx = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
+        weights = (choice if score == "biased_weights" else scores).gather(1, idx)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return logits, weights * self.routed_scaling_factor, idx
+
+    return {"unnormalised": unnormalised, "renormalised": renormalised, "softmax": deepseek,
+            "no_groups": functools.partialmethod(deepseek, score="no_groups").__get__,
+            "biased_weights": functools.partialmethod(deepseek, score="biased_weights").__get__}[kind]
+
+
+def open_variant(config: dict, state: dict, variant: str) -> nn.Module | None:
+    """transformers' model of ``config`` and ``state`` changed to behave as a known wrong conversion or
+    implementation ``variant`` (see :data:`OPEN_VARIANTS`), or None where the variant does not apply."""
+    import types
+
+    family = config["model_type"]
+    c = open_config(config)
+    state = dict(state)
+    changes = {}
+    patch = None
+    L = c.num_hidden_layers
+    layers = [f"model.layers.{i}" for i in range(L)] if family != "mamba" else [f"backbone.layers.{i}"
+                                                                                for i in range(L)]
+    attn = [p for p in layers if f"{p}.self_attn.q_proj.weight" in state or f"{p}.self_attn.q_b_proj.weight" in state]
+    moe = [p + (".mlp" if family != "jamba" else ".feed_forward") for p in layers
+           if f"{p}.mlp.experts.gate_up_proj" in state or f"{p}.feed_forward.experts.gate_up_proj" in state]
+    mixers = [p + (".mixer" if family == "mamba" else ".mamba") for p in layers
+              if f"{p}.mixer.A_log" in state or f"{p}.mamba.A_log" in state]
+    H = getattr(c, "num_attention_heads", 1)
+    H_kv = getattr(c, "num_key_value_heads", H)
+    hd = getattr(c, "head_dim", None) or c.hidden_size // H
+    if variant in ("rope_interleaved", "rope_unpermuted"):
+        if family not in ("llama", "mixtral"):
+            return None
+        order = rope_halves_order(hd) if variant == "rope_interleaved" else rope_halves_order(hd).argsort()
+        for p in attn:
+            for name, heads in (("q_proj", H), ("k_proj", H_kv)):
+                state[f"{p}.self_attn.{name}.weight"] = permute_head_rows(state[f"{p}.self_attn.{name}.weight"],
+                                                                          heads, hd, order)
+    elif variant == "deepseek_halves":
+        if family != "deepseek_v3":
+            return None
+        changes["rope_interleave"] = False
+    elif variant == "deepseek_deinterleave_whole":  # the rope rows de-interleaved across all heads, not per head
+        if family != "deepseek_v3":
+            return None
+        n, r = c.qk_nope_head_dim, c.qk_rope_head_dim
+        for p in attn:
+            key = f"{p}.self_attn.q_b_proj.weight" if c.q_lora_rank else f"{p}.self_attn.q_proj.weight"
+            w = state[key].view(H, n + r, -1)
+            rope = w[:, n:].reshape(H * r, -1)[rope_halves_order(H * r)].reshape(H, r, -1)
+            rope = rope[:, rope_halves_order(r).argsort()]  # undone per head, so only the mixing across heads stays
+            state[key] = torch.cat([w[:, :n], rope], 1).reshape(-1, w.shape[-1])
+    elif variant in ("kv_heads_reversed", "kv_heads_tiled"):
+        if family not in ("llama", "mixtral", "jamba") or H_kv == 1:
+            return None
+        for p in attn:
+            if variant == "kv_heads_reversed":
+                for name in ("k_proj", "v_proj"):
+                    w = state[f"{p}.self_attn.{name}.weight"]
+                    state[f"{p}.self_attn.{name}.weight"] = w.view(H_kv, hd, -1).flip(0).reshape(w.shape)
+            else:  # query head h reads key-value head h % H_kv, not h // (H / H_kv)
+                if H == H_kv:
+                    return None
+                rep = H // H_kv
+                s = torch.tensor([(j // rep) + H_kv * (j % rep) for j in range(H)])
+                wq, wo = state[f"{p}.self_attn.q_proj.weight"], state[f"{p}.self_attn.o_proj.weight"]
+                state[f"{p}.self_attn.q_proj.weight"] = wq.view(H, hd, -1)[s].reshape(wq.shape)
+                state[f"{p}.self_attn.o_proj.weight"] = wo.view(wo.shape[0], H, hd)[:, s].reshape(wo.shape)
+    elif variant in ("up_first", "experts_reversed"):
+        if not moe:
+            return None
+        for p in moe:
+            gu, down = state[f"{p}.experts.gate_up_proj"], state[f"{p}.experts.down_proj"]
+            if variant == "up_first":
+                half = gu.shape[1] // 2
+                state[f"{p}.experts.gate_up_proj"] = torch.cat([gu[:, half:], gu[:, :half]], 1)
+            else:
+                state[f"{p}.experts.gate_up_proj"], state[f"{p}.experts.down_proj"] = gu.flip(0), down.flip(0)
+    elif variant == "dense_up_first":
+        dense = [k for k in state if k.endswith(("mlp.gate_proj.weight", "feed_forward.gate_proj.weight"))]
+        if not dense:
+            return None
+        for k in dense:
+            up = k.replace("gate_proj", "up_proj")
+            state[k], state[up] = state[up], state[k]
+    elif variant in ("no_renormalisation", "renormalised", "softmax_router", "no_groups", "biased_weights"):
+        kind = {"no_renormalisation": "unnormalised"}.get(variant, variant.removesuffix("_router"))
+        family_of = {"no_renormalisation": "mixtral", "renormalised": "jamba"}.get(variant, "deepseek_v3")
+        if family != family_of or not moe:
+            return None
+        patch = (kind, moe)
+    elif variant == "no_correction_bias":
+        if family != "deepseek_v3" or not moe:
+            return None
+        for p in moe:
+            state[f"{p}.gate.e_score_correction_bias"] = torch.zeros_like(state[f"{p}.gate.e_score_correction_bias"])
+    elif variant == "no_scaling_factor":
+        if family != "deepseek_v3" or not moe:
+            return None
+        changes["routed_scaling_factor"] = 1.0
+    elif variant == "no_topk_norm":
+        if family != "deepseek_v3" or not moe or not c.norm_topk_prob:
+            return None
+        changes["norm_topk_prob"] = False
+    elif variant == "no_shared_experts":
+        if family != "deepseek_v3" or not moe:
+            return None
+        for p in moe:
+            key = f"{p}.shared_experts.down_proj.weight"
+            state[key] = torch.zeros_like(state[key])
+    elif variant == "norms_swapped":
+        second = {"llama": "post_attention_layernorm", "mixtral": "post_attention_layernorm",
+                  "deepseek_v3": "post_attention_layernorm", "jamba": "pre_ff_layernorm"}.get(family)
+        if second is None:
+            return None
+        for p in layers:
+            a, b = f"{p}.input_layernorm.weight", f"{p}.{second}.weight"
+            state[a], state[b] = state[b], state[a]
+    elif variant in ("mla_norms_swapped",):
+        if family != "deepseek_v3" or not c.q_lora_rank or c.q_lora_rank != c.kv_lora_rank:
+            return None
+        for p in attn:
+            a, b = f"{p}.self_attn.q_a_layernorm.weight", f"{p}.self_attn.kv_a_layernorm.weight"
+            state[a], state[b] = state[b], state[a]
+    elif variant in ("theta_1e4", "theta_1e6", "theta_5e5"):
+        if family not in ("llama", "mixtral", "deepseek_v3"):
+            return None
+        theta = {"theta_1e4": 1e4, "theta_1e6": 1e6, "theta_5e5": 5e5}[variant]
+        config = {k: v for k, v in config.items() if k != "rope_theta"}
+        if c.rope_parameters["rope_theta"] == theta:
+            return None
+        changes["rope_parameters"] = dict(c.rope_parameters) | {"rope_theta": theta}
+    elif variant in ("untied_head_is_table", "table_is_head"):  # a tie where the config has none
+        if getattr(c, "tie_word_embeddings", False):
+            return None
+        table = "backbone.embeddings.weight" if family == "mamba" else "model.embed_tokens.weight"
+        if variant == "untied_head_is_table":
+            state["lm_head.weight"] = state[table].clone()
+        else:
+            state[table] = state["lm_head.weight"].clone()
+    elif variant in ("xz_swapped", "no_skip_D", "x_proj_order"):
+        if not mixers:
+            return None
+        for p in mixers:
+            if variant == "xz_swapped":
+                w = state[f"{p}.in_proj.weight"]
+                half = w.shape[0] // 2
+                state[f"{p}.in_proj.weight"] = torch.cat([w[half:], w[:half]])
+            elif variant == "no_skip_D":
+                state[f"{p}.D"] = torch.zeros_like(state[f"{p}.D"])
+            else:  # the x_proj output read as (B, C, dt) rather than (dt, B, C)
+                w = state[f"{p}.x_proj.weight"]
+                R = w.shape[0] - 2 * (c.state_size if family == "mamba" else c.mamba_d_state)
+                state[f"{p}.x_proj.weight"] = torch.cat([w[-R:], w[:-R]])
+    elif variant in ("no_dt_norms", "no_bc_norms"):
+        if family != "jamba" or not mixers:
+            return None
+        patch = (variant, mixers)
+    elif variant == "mla_scale_nope":
+        if family != "deepseek_v3":
+            return None
+        patch = ("scale", attn)
+    else:
+        raise KeyError(variant)
+    model = open_model(config, state, **changes)
+    if patch:
+        kind, where = patch
+        for p in where:
+            module = model.get_submodule(p.replace("model.", "model.", 1))
+            if kind in ("no_dt_norms", "no_bc_norms"):
+                names = ("dt_layernorm",) if kind == "no_dt_norms" else ("b_layernorm", "c_layernorm")
+                for name in names:
+                    setattr(module, name, nn.Identity())
+            elif kind == "scale":
+                module.self_attn.scaling = c.qk_nope_head_dim ** -0.5
+            else:
+                router = module.gate if family != "jamba" else module.router
+                fn = _router_patch(kind)
+                router.forward = fn(router) if kind in ("no_groups", "biased_weights") else types.MethodType(fn, router)
+    return model
+
+
+def open_variant_logits(config: dict, state: dict, idx: torch.Tensor, variant: str) -> torch.Tensor | None:
+    """The logits of :func:`open_variant`'s model on ``idx`` (None where the variant does not apply)."""
+    model = open_variant(config, state, variant)
+    if model is None:
+        return None
+    with torch.no_grad():
+        return model(idx, use_cache=False).logits
+
+
+# ------------------------------------------- Lab 11: counting, caches and published configurations
+# Published configurations (their config.json, architecture fields only) and the numel of transformers' model on
+# the meta device (tests/test_references_11.py rebuilds each; active = without the unused routed experts).
+OPEN_LLAMA3_8B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+                  "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                  "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
+                  "max_position_embeddings": 8192, "bos_token_id": 128000, "eos_token_id": 128001}
+OPEN_MIXTRAL_8X7B = {"model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+                     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                     "num_local_experts": 8, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+                     "tie_word_embeddings": False, "max_position_embeddings": 32768, "sliding_window": None}
+OPEN_DEEPSEEK_V3 = {"model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+                    "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
+                    "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
+                    "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
+                    "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": 8, "topk_group": 4,
+                    "num_experts_per_tok": 8, "first_k_dense_replace": 3, "norm_topk_prob": True,
+                    "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+                    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                                     "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                                     "type": "yarn"},
+                    "tie_word_embeddings": False, "num_nextn_predict_layers": 1}
+OPEN_MAMBA_2_8B = {"model_type": "mamba", "vocab_size": 50280, "hidden_size": 2560, "state_size": 16,
+                   "num_hidden_layers": 64, "expand": 2, "conv_kernel": 4, "time_step_rank": 160,
+                   "layer_norm_epsilon": 1e-5, "use_bias": False, "use_conv_bias": True}
+OPEN_JAMBA_V01 = {"model_type": "jamba", "vocab_size": 65536, "hidden_size": 4096, "intermediate_size": 14336,
+                  "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "num_experts": 16,
+                  "num_experts_per_tok": 2, "attn_layer_period": 8, "attn_layer_offset": 4,
+                  "expert_layer_period": 2, "expert_layer_offset": 1, "mamba_d_state": 16, "mamba_d_conv": 4,
+                  "mamba_expand": 2, "mamba_dt_rank": 256, "mamba_conv_bias": True, "mamba_proj_bias": False,
+                  "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+OPEN_PUBLISHED = {"Llama 3 8B": OPEN_LLAMA3_8B, "Mixtral 8x7B": OPEN_MIXTRAL_8X7B, "DeepSeek-V3": OPEN_DEEPSEEK_V3,
+                  "Mamba-2.8B": OPEN_MAMBA_2_8B, "Jamba v0.1": OPEN_JAMBA_V01}
+# (name, active) -> count: pinned by tests/test_references_11.py against open_meta_numel (the checks read them here)
+OPEN_PUBLISHED_COUNTS = {("Llama 3 8B", False): 8_030_261_248, ("Llama 3 8B", True): 8_030_261_248,
+                         ("Mixtral 8x7B", False): 46_702_792_704, ("Mixtral 8x7B", True): 12_879_925_248,
+                         ("DeepSeek-V3", False): 671_026_404_352, ("DeepSeek-V3", True): 37_552_282_624,
+                         ("Mamba-2.8B", False): 2_768_345_600, ("Mamba-2.8B", True): 2_768_345_600,
+                         ("Jamba v0.1", False): 51_570_323_328, ("Jamba v0.1", True): 12_110_311_296}
+
+
+def open_experts(model: nn.Module) -> list[tuple[nn.Module, int, int]]:
+    """(experts module, E, k) of every layer of a transformers model of Lab 11 that has routed experts."""
+    c = model.config
+    found = []
+    for layer in open_layers(model):
+        ffn = getattr(layer, "mlp", None) or getattr(layer, "feed_forward", None)
+        experts = getattr(ffn, "experts", None) if ffn is not None else None
+        if experts is not None:
+            E = getattr(c, "n_routed_experts", None) or getattr(c, "num_local_experts", None) or c.num_experts
+            found.append((experts, E, c.num_experts_per_tok))
+    return found
+
+
+@functools.lru_cache(maxsize=128)
+def _open_meta_counts(items: str) -> tuple[int, int]:
+    config = json.loads(items)
+    model = open_model(config, meta=True)
+    total = sum(p.numel() for p in model.parameters())
+    unused = 0
+    for experts, E, k in open_experts(model):
+        n = sum(p.numel() for p in experts.parameters())
+        assert n % E == 0
+        unused += n // E * (E - k)
+    return total, total - unused
+
+
+def open_meta_numel(config: dict, active: bool = False) -> int:
+    """The parameters of transformers' model of the Lab 11 config dict on the meta device (``parameters()``: a tied
+    head once, buffers such as DeepSeek's correction bias not at all); active: less the unused routed experts."""
+    total, used = _open_meta_counts(json.dumps(config, sort_keys=True))
+    return used if active else total
+
+
+def open_layer_numels(config: dict) -> list[int]:
+    """The parameters of each decoder layer of transformers' model of ``config`` (meta device)."""
+    return [sum(p.numel() for p in layer.parameters()) for layer in open_layers(open_model(config, meta=True))]
+
+
+def open_layer_kinds(config: dict) -> list[str]:
+    """Each layer's kind in transformers' model of ``config``, as messages name it: "attention + dense FFN",
+    "mamba + MoE", ..."""
+    kinds = []
+    for layer in open_layers(open_model(config, meta=True)):
+        mixer = ("MLA" if hasattr(getattr(layer, "self_attn", None), "kv_a_proj_with_mqa") else "attention"
+                 ) if hasattr(layer, "self_attn") else "mamba"
+        ffn = getattr(layer, "mlp", None) or getattr(layer, "feed_forward", None)
+        kinds.append(mixer if ffn is None else f"{mixer} + {'MoE' if hasattr(ffn, 'experts') else 'dense FFN'}")
+    return kinds
+
+
+def open_cache_bytes(config: dict, dtype: torch.dtype = torch.bfloat16, tokens: tuple = (3, 5)) -> dict:
+    """What transformers' own cache holds, measured: a forward of ``tokens`` ids with ``use_cache=True`` on the
+    model of ``config`` in ``dtype`` (random weights; the sizes are what counts), the bytes of every cache tensor.
+    Returns {"per_token": growth in bytes per token of context (attention and MLA layers), "conv" and "recurrent":
+    the numbers (elements) in the Mamba layers' conv and SSM states, which do not grow, "conv_columns": the conv
+    state's width (transformers keeps d_conv columns), and their dtypes (transformers 5.23 keeps the SSM state in
+    float32 whatever the model's dtype)}; batch 1."""
+    model = open_model(config).to(dtype)
+    sizes = {}
+    for T in tokens:
+        with torch.no_grad():
+            out = model(torch.zeros(1, T, dtype=torch.long), use_cache=True)
+        cache = getattr(out, "past_key_values", None) or getattr(out, "cache_params", None)
+        found = {"grow": 0, "conv": 0, "recurrent": 0, "conv_columns": 0}
+        for layer in cache.layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor):
+                    found["grow"] += t.numel() * t.element_size()
+            for name, key in (("conv_states", "conv"), ("recurrent_states", "recurrent")):
+                states = getattr(layer, name, None) or {}
+                for t in (states.values() if isinstance(states, dict) else states):
+                    if isinstance(t, torch.Tensor):
+                        found[key] += t.numel()  # numbers: the SSM state is float32 even in a bfloat16 model
+                        found[key + "_dtype"] = t.dtype
+                        if key == "conv":
+                            found["conv_columns"] = t.shape[-1]
+        sizes[T] = found
+    (T1, a), (T2, b) = sorted(sizes.items())
+    assert a["conv"] == b["conv"] and a["recurrent"] == b["recurrent"] and (b["grow"] - a["grow"]) % (T2 - T1) == 0
+    return {"per_token": (b["grow"] - a["grow"]) // (T2 - T1), "conv": a["conv"], "recurrent": a["recurrent"],
+            "conv_columns": a["conv_columns"], "conv_dtype": a.get("conv_dtype"),
+            "recurrent_dtype": a.get("recurrent_dtype")}
+
+
+def open_kv_bytes_closed_form(config: dict, dtype_bytes: int = 2) -> int:
+    """Bytes the decoding cache grows by per token, summed over layers, as transformers 5 caches them: K and V of
+    n_kv heads of head_dim per attention layer (llama, mixtral, mistral, qwen3; gpt2: d per K and V); DeepSeek-V3's
+    latent and RoPE key, kv_lora_rank + qk_rope_head_dim per layer; Mamba none; Jamba its attention layers only."""
+    family = config["model_type"]
+    if family == "gpt2":
+        return 2 * config["n_layer"] * config["n_embd"] * dtype_bytes
+    c = open_config(config)
+    L = c.num_hidden_layers
+    if family == "mamba":
+        return 0
+    if family == "deepseek_v3":
+        return L * (c.kv_lora_rank + c.qk_rope_head_dim) * dtype_bytes
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if family == "jamba":
+        L = sum(1 for i in range(L) if i % c.attn_layer_period == c.attn_layer_offset)
+    return 2 * L * c.num_key_value_heads * hd * dtype_bytes
+
+
+def open_state_bytes_closed_form(config: dict, dtype_bytes: int = 2) -> int:
+    """The fixed per-sequence state of the Mamba layers: d_inner (d_conv - 1) conv window + d_inner d_state SSM
+    state per Mamba layer (transformers keeps d_conv columns of the conv input; the oldest is never read)."""
+    family = config["model_type"]
+    if family not in ("mamba", "jamba"):
+        return 0
+    c = open_config(config)
+    if family == "mamba":
+        d_in, N, K, L = c.expand * c.hidden_size, c.state_size, c.conv_kernel, c.num_hidden_layers
+    else:
+        d_in, N, K = c.mamba_expand * c.hidden_size, c.mamba_d_state, c.mamba_d_conv
+        L = sum(1 for i in range(c.num_hidden_layers) if i % c.attn_layer_period != c.attn_layer_offset)
+    return L * d_in * (K - 1 + N) * dtype_bytes
+
+
+def open_exported(config_json: dict, safetensors: bytes) -> tuple[nn.Module, dict]:
+    """AutoModelForCausalLM.from_pretrained of a folder holding ``config.json`` and ``model.safetensors`` with
+    these contents, offline, eager attention and experts: (the model in float32 eval mode, its loading info)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config_json, f)
+        with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+            f.write(safetensors)
+        extra = {"experts_implementation": "eager"} if config_json.get("model_type") in (
+            "mixtral", "deepseek_v3", "jamba") else {}
+        model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True,
+                                                           attn_implementation="eager", **extra)
+    return model.float().eval(), info

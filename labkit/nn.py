@@ -511,7 +511,7 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        if config.init == "gpt2":
+        if config.init == "gpt2" and not self.tok_emb.weight.is_meta:  # meta: shapes only, nothing to draw
             self.apply(self._init_weights)
             residual = 0.02 / math.sqrt(2 * config.n_layers)
             for name, p in self.named_parameters():

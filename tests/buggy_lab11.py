@@ -231,9 +231,31 @@ def generate_with(ns, bug: str):
         def ssm(self, value):
             self._ssm = None if bug == "ssm_dropped" else value  # BUG: the state not carried
 
-    solution = rebound(ns, KVCache=FrozenCache, SSMState=LateWindow)
+    class NewOnly(KVCache):
+        def update(self, k, v):
+            super().update(k, v)
+            return k, v  # BUG: only the new keys and values
+
+    solution = rebound(ns, KVCache=NewOnly if bug == "returns_new_only" else FrozenCache, SSMState=LateWindow)
+    if bug == "shared_caches":
+        solution = rebound(ns)
+        solution["new_caches"] = lambda model: [KVCache()] * len(model.blocks)  # BUG: one object for all layers
     generate = solution["generate"]
     new_caches = solution["new_caches"] if "new_caches" in solution else None
+
+    def loop(model, idx, max_new_tokens):
+        caches = new_caches(model)
+        with torch.no_grad():
+            logits = model(idx, caches)
+            while True:  # BUG (at_least_one): max_new_tokens = 0 still appends a token
+                position = 0 if bug == "argmax_first" else -1  # BUG (argmax_first): the prefill's first position
+                token = logits[:, position].argmax(-1, keepdim=True)
+                fed = idx[:, -1:] if bug == "feeds_previous" else token  # BUG (feeds_previous): the one before
+                idx = torch.cat([idx, token], 1)
+                max_new_tokens -= 1
+                if max_new_tokens <= 0:
+                    return idx
+                logits = model(fed, caches)
 
     def no_cache(model, idx, max_new_tokens):
         with torch.no_grad():
@@ -254,7 +276,8 @@ def generate_with(ns, bug: str):
     def new_only(model, idx, max_new_tokens):
         return generate(model, idx, max_new_tokens)[:, idx.shape[1]:]  # BUG: the new tokens only
 
-    chosen = {"no_cache": no_cache, "fresh_caches": fresh_caches, "new_only": new_only}.get(bug, generate)
+    chosen = {"no_cache": no_cache, "fresh_caches": fresh_caches, "new_only": new_only, "at_least_one": loop,
+              "argmax_first": loop, "feeds_previous": loop}.get(bug, generate)
     return ns["build_model"], ns["load_hf_state_dict"], chosen
 
 
@@ -295,7 +318,7 @@ def kv_with(ns, bug: str):
             return 2 * config["n_layer"] * config["n_embd"] * b
         if family == "mamba":
             return 0
-        c = dict(config)
+        c = ns["resolve"](config) if family in ns["DEFAULTS"] else dict(config)
         L = c["num_hidden_layers"]
         if family == "deepseek_v3":
             if bug == "mla_expanded":  # BUG: K and V of every head
@@ -317,13 +340,17 @@ def kv_with(ns, bug: str):
         family = config["model_type"]
         if family not in ("mamba", "jamba"):
             return 0
-        c = dict(config)
+        c = ns["resolve"](config)
         if family == "mamba":
             d_in, N, K, L = c["expand"] * c["hidden_size"], c["state_size"], c["conv_kernel"], c["num_hidden_layers"]
         else:
             d_in, N, K = c["mamba_expand"] * c["hidden_size"], c["mamba_d_state"], c["mamba_d_conv"]
             L = c["num_hidden_layers"] if bug == "state_all_layers" else sum(
                 1 for i in range(c["num_hidden_layers"]) if i % c["attn_layer_period"] != c["attn_layer_offset"])
+        if bug == "dconv_4":
+            K = 4  # BUG: d_conv assumed
+        if bug == "expand_2":
+            d_in = 2 * c["hidden_size"]  # BUG: expand assumed
         window = {"conv_full": K, "no_conv": 0}.get(bug, K - 1)  # BUG (conv_full): d_conv columns
         return L * d_in * (window + N) * dtype_bytes
 
@@ -370,6 +397,8 @@ def export_with(ns, bug: str):
 
         from safetensors.torch import save_file
 
+        if bug == "str_path":
+            path + "/config.json"  # BUG: a str operation (the notebook passes a pathlib.Path)
         export(model, family, path)
         path = Path(path)
         config = json.loads((path / "config.json").read_text())
@@ -399,6 +428,113 @@ def export_with(ns, bug: str):
     return ns["build_model"], ns["load_hf_state_dict"], export_pretrained
 
 
+# ---------------------------------------------------------------- wrong defaults, resolve and layers
+WRONG_DEFAULTS = {"deepseek_q_lora_none": ("deepseek_v3", "q_lora_rank", None),
+                  "jamba_d_state_8": ("jamba", "mamba_d_state", 8),
+                  "mamba_expand_1": ("mamba", "expand", 1),
+                  "mamba_conv_3": ("mamba", "conv_kernel", 3),
+                  "deepseek_groups_1": ("deepseek_v3", "n_group", 1)}
+
+
+def solution_with(ns, bug: str) -> dict:
+    """A copy of the solution's namespace with a wrong default, a wrong resolve or a wrong layer builder."""
+    defaults = json.loads(json.dumps(ns["DEFAULTS"]))
+    if bug in WRONG_DEFAULTS:
+        family, field, value = WRONG_DEFAULTS[bug]
+        defaults[family][field] = value  # BUG: another default than transformers'
+    copy = rebound(ns, DEFAULTS=defaults)
+    resolve, mixtral_layer, jamba_layer = copy["resolve"], copy["mixtral_layer"], copy["jamba_layer"]
+
+    def floor_rank(config):
+        c = resolve({k: v for k, v in config.items() if v != "auto"})
+        for rank in ("time_step_rank", "mamba_dt_rank"):
+            if config.get(rank, "auto") == "auto" and rank in c:
+                c[rank] = c["hidden_size"] // 16  # BUG: floor, transformers takes ceil
+        return c
+
+    def mixtral_no_head_dim(c, i):
+        return mixtral_layer(c | {"head_dim": None}, i)  # BUG: head_dim dropped
+
+    def jamba_always_moe(c, i):
+        layer = jamba_layer(c, i)
+        if i % c["expert_layer_period"] == c["expert_layer_offset"] and c["num_experts"] == 1:
+            layer.ffn = MoE(c["hidden_size"], c["intermediate_size"], 1, 1, renormalize=False)  # BUG: a router
+        return layer
+
+    overrides = {"dt_rank_floor": {"resolve": floor_rank}, "mixtral_head_dim": {"mixtral_layer": mixtral_no_head_dim},
+                 "jamba_one_expert": {"jamba_layer": jamba_always_moe}}.get(bug, {})
+    copy |= overrides  # after rebound, which would put the solution's functions back
+    copy["LAYERS"] = {"llama": copy["llama_layer"], "mixtral": copy["mixtral_layer"],
+                      "deepseek_v3": copy["deepseek_layer"], "mamba": copy["mamba_layer"],
+                      "jamba": copy["jamba_layer"]}
+    return copy
+
+
+def solution_load_with(ns, bug: str):
+    copy = solution_with(ns, bug)
+    return copy["build_model"], copy["load_hf_state_dict"]
+
+
+def count_defaults_with(ns, bug: str):
+    copy = solution_with(ns, bug)
+    count = copy["count_params"]
+    if bug != "jamba_active_every_layer":
+        return count
+
+    def count_params(config, active=False):  # BUG: (E - k) experts off L // period layers, not the MoE ones
+        c = copy["resolve"](config)
+        if not (active and c["model_type"] == "jamba"):
+            return count(config, active)
+        unused = (c["num_experts"] - c["num_experts_per_tok"]) * 3 * c["hidden_size"] * c["intermediate_size"]
+        return count(config) - c["num_hidden_layers"] // c["expert_layer_period"] * unused
+
+    return count_params
+
+
+def kv_defaults_with(ns, bug: str):
+    copy = solution_with(ns, bug)
+    return copy["kv_bytes_per_token"], copy["state_bytes"]
+
+
+def load_copies_with(ns, bug: str):
+    """load_hf_state_dict that rewrites the caller's tensors, or keeps only the keys it knows."""
+    load, hf_names = ns["load_hf_state_dict"], ns["hf_names"]
+
+    def load_hf_state_dict(model, hf_state_dict, family):
+        if bug == "lenient":
+            known = set(hf_names(model, family).values())
+            hf_state_dict = {k: v for k, v in hf_state_dict.items() if k in known}  # BUG: unknown keys dropped
+        loaded = load(model, hf_state_dict, family)
+        if bug == "in_place" and model.hf_config.get("rope_interleave"):
+            names = hf_names(model, family)
+            for name, (heads, rope_dim) in ns["rope_rows"](model).items():
+                t = hf_state_dict[names[name]]
+                t.copy_(ns["halves_from_pairs"](t, heads, rope_dim))  # BUG: the caller's tensor rewritten
+        return loaded
+
+    return ns["build_model"], load_hf_state_dict
+
+
+def to_hf_in_place_with(ns, bug: str):
+    to_hf = ns["to_hf_state_dict"]
+
+    def to_hf_state_dict(model, family):
+        state = to_hf(model, family)
+        with torch.no_grad():
+            for key in state:
+                if key.endswith("norm.weight"):
+                    state[key].mul_(1.5)  # BUG: state_dict()'s tensors are the model's
+                    break
+        return state
+
+    return ns["build_model"], ns["load_hf_state_dict"], to_hf_state_dict
+
+
+def to_hf_model_with(ns, bug: str):
+    """The right to_hf_state_dict of a model whose forward is wrong."""
+    return build_with(ns, bug) + (ns["to_hf_state_dict"],)
+
+
 def generate_model_with(ns, bug: str):
     """The right generate on a wrongly built or loaded model."""
     return build_with(ns, bug) + (ns["generate"],)
@@ -413,6 +549,7 @@ def bug(factory, name: str):
 
 LO, BU, G, GM, TH = load_with, build_with, generate_with, generate_model_with, to_hf_with
 KV, C, EX = kv_with, count_with, export_with
+CD, KD, LC, TI, TM = count_defaults_with, kv_defaults_with, load_copies_with, to_hf_in_place_with, to_hf_model_with
 LLAMA, MIXTRAL, DEEPSEEK, MAMBA, JAMBA = "Llama", "Mixtral", "DeepSeek-V3", "Mamba", "Jamba"
 LOGITS = r"the logits of your {}"
 
@@ -459,6 +596,10 @@ BUGS = {
         (bug(BU, "mutates"), r"build_model modified the config dict"),
         (bug(BU, "returns_none"), r"load_hf_state_dict must return the model"),
         (bug(BU, "wrong_family"), r"\.family is 'llama', expected 'mixtral'"),
+        (bug(LC, "in_place"), r"load_hf_state_dict changed the state dict you gave it \(model\.layers\.0\.self_attn\."
+                              r"q_b_proj\.weight.*permute copies, not in place"),
+        (bug(LC, "lenient"), r"load_hf_state_dict\(model, Llama state dict with a key too many.*did not raise: every "
+                             r"key of transformers' state dict must be used"),
     ],
     "11.generate": [
         (bug(G, "length_frozen"), r"generate\(Llama.*new token \d+ differs.*cache positions restart at 0 "
@@ -471,6 +612,12 @@ BUGS = {
         (bug(G, "fresh_caches"), r"generate\(Llama.*after the prefill, each step feeds only the newest token.*same "
                                  r"caches"),
         (bug(G, "new_only"), r"generate\(Llama.*returned \(2, 20\), expected a \(B, T \+ max_new_tokens\)"),
+        (bug(G, "at_least_one"), r"generate\(Llama, prompt \(2, 5\), 0\) returned \(2, 6\), expected the prompt"),
+        (bug(G, "shared_caches"), r"generate\(Llama.*one cache shared by all layers"),
+        (bug(G, "returns_new_only"), r"generate\(Llama.*update must return all cached keys and values .*not only "
+                                     r"the new ones"),
+        (bug(G, "feeds_previous"), r"generate\(Llama.*decoding step 1 fed the model .*feed the token you just chose"),
+        (bug(G, "argmax_first"), r"generate\(Llama.*position 0, not the last: take the argmax of logits\[:, -1\]"),
         (bug(GM, "deepseek_halves"),
          r"generate\(DeepSeek-V3.*full forward gives these tokens too.*see 11\.load_hf_state_dict"),
     ],
@@ -483,6 +630,10 @@ BUGS = {
         (bug(TH, "up_first"), r"to_hf_state_dict\(your Mixtral.*gate_up_proj'\].*up rows come first"),
         (bug(TH, "experts_reversed"), r"to_hf_state_dict\(your Mixtral.*experts are in reverse order"),
         (bug(TH, "float64"), r"to_hf_state_dict\(your Llama.*dtype torch\.float64, expected torch\.float32"),
+        (bug(TI, "in_place"), r"to_hf_state_dict\(your Llama.*changed the model's weights \(blocks\.0\.norm1\.weight\): permute "
+                              r"copies, not in place"),
+        (bug(TM, "mixtral_no_renorm"), r"transformers' Mixtral with to_hf_state_dict\(your freshly built model\).*"
+                                       r"round trip is exact, so the difference is in your model's forward"),
     ],
     "11.kv_bytes_per_token": [
         (bug(KV, "mha_heads"), r"kv_bytes_per_token\(a small llama.*kv bytes with the query heads"),
@@ -495,6 +646,11 @@ BUGS = {
         (bug(KV, "conv_full"), r"state_bytes\(a small mamba.*conv window counts d_conv columns"),
         (bug(KV, "no_conv"), r"state_bytes\(a small mamba.*conv window is missing"),
         (bug(KV, "state_all_layers"), r"state_bytes\(a small jamba.*only the Mamba layers carry a state"),
+        (bug(KV, "dconv_4"), r"state_bytes\(a small mamba.*this assumes d_conv = 4"),
+        (bug(KV, "expand_2"), r"state_bytes\(a small mamba.*this assumes expand = 2"),
+        (bug(KD, "mamba_expand_1"), r"state_bytes\(Mamba-2\.8B.*Mamba's expand defaults to 2 in transformers"),
+        (bug(KD, "mamba_conv_3"), r"state_bytes\(Mamba-2\.8B.*Mamba's conv_kernel defaults to 4 in transformers"),
+        (bug(KD, "jamba_d_state_8"), r"state_bytes\(Jamba v0\.1.*Jamba's mamba_d_state defaults to 16 in transformers"),
     ],
     "11.count_params": [
         (bug(C, "mamba_untied"), r"count_params\(a small mamba\) = .*Mamba ties its output head"),
@@ -505,6 +661,15 @@ BUGS = {
         (bug(C, "no_shared"), r"count_params\(a small deepseek_v3\).*shared experts are missing"),
         (bug(C, "jamba_no_norms"), r"count_params\(a small jamba\).*dt/b/c norms"),
         (bug(C, "float"), r"count_params\(a small llama\): returned the float"),
+        (bug(CD, "deepseek_q_lora_none"), r"count_params\(DeepSeek-V3\).*DeepSeek-V3's q_lora_rank defaults to 1536 "
+                                          r"in transformers"),
+        (bug(CD, "dt_rank_floor"), r"count_params\(a small mamba\).*time_step_rank \"auto\" is ceil\(hidden_size / "
+                                   r"16\) = 3 here"),
+        (bug(CD, "mixtral_head_dim"), r"count_params\(a small mixtral\).*head_dim is ignored: it is 12 here"),
+        (bug(CD, "jamba_one_expert"), r"count_params\(a small jamba\).*num_experts = 1 transformers' Jamba uses a "
+                                      r"plain MLP"),
+        (bug(CD, "jamba_active_every_layer"), r"count_params\(a small jamba, active=True\).*active subtracts the "
+                                              r"unused experts of 2 layers, but 3 of the 5 layers are MoE"),
     ],
     "11.export_pretrained": [
         (bug(EX, "head_written_twice"), r"export_pretrained\(your Mamba.*holds lm_head\.weight, but the config ties "
@@ -516,6 +681,39 @@ BUGS = {
         (bug(EX, "no_weights"), r"export_pretrained\(your Llama.*must write model\.safetensors"),
         (bug(EX, "no_rope_field"), r"export_pretrained\(your Llama.*logits.*config\.json's fields differ from the "
                                    r"model's: \['rope_parameters'"),
+        (bug(EX, "str_path"), r"export_pretrained\(your Mixtral, 'mixtral', path as a Path\) raised TypeError.*path "
+                              r"was a pathlib\.Path here"),
         (bug(EX, "dropped_norm"), r"export_pretrained\(your Llama.*reports \{'missing_keys': \['model\.norm\.weight'\]"),
+    ],
+}
+
+
+# ---------------------------------------------------------------- bugs only the hidden checks' configs reach
+def hidden_load_with(ns, bug: str):
+    """load_hf_state_dict that de-interleaves whatever rope_interleave says, or whose row permutation handles 2-D
+    weights only (DeepSeek's kv_a_proj_with_mqa bias has rope rows too)."""
+    copy = rebound(ns)
+    halves = ns["halves_from_pairs"]
+
+    def rope_rows(model):
+        rows = ns["rope_rows"](model)
+        return {k: v for k, v in rows.items() if not k.endswith(".bias")} if bug == "bias_rows_kept" else rows
+
+    def load_hf_state_dict(model, hf_state_dict, family):
+        if bug == "always_deinterleave" and family == "deepseek_v3":
+            model.hf_config = dict(model.hf_config, rope_interleave=True)  # BUG: rope_interleave False ignored
+        return copy["load_hf_state_dict"](model, hf_state_dict, family)
+
+    copy["rope_rows"] = rope_rows  # BUG (bias_rows_kept): the bias's rope rows left interleaved
+    copy["halves_from_pairs"] = halves
+    return ns["build_model"], load_hf_state_dict
+
+
+# hidden check id -> [(factory, a regular expression the failure message must match)]
+HIDDEN_BUGS = {
+    "11.hidden.load_hf_state_dict_edge": [
+        (bug(hidden_load_with, "always_deinterleave"), r"the logits of your DeepSeek-V3 \(rope_interleave=False"),
+        (bug(hidden_load_with, "bias_rows_kept"), r"the logits of your DeepSeek-V3 \(attention_bias=True\)"),
+        (bug(solution_load_with, "deepseek_groups_1"), r"the logits of your DeepSeek-V3 \(rope_interleave=False"),
     ],
 }

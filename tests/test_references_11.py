@@ -146,7 +146,8 @@ def test_measured_cache_equals_the_closed_form(family, seed):
     """The growth of transformers' cache per token equals the closed form (K and V of the KV heads per attention
     layer; DeepSeek-V3's latent and rotated key; Jamba's attention layers only; none for Mamba), at 2 and 4 bytes;
     the Mamba layers' states hold d_inner x d_conv conv inputs (of which d_conv - 1 are read) and d_inner x d_state."""
-    config = lab11.kv_config(family, torch.Generator().manual_seed(seed))
+    family, overrides = (family, {}) if isinstance(family, str) else family
+    config = lab11.kv_config(family, torch.Generator().manual_seed(seed), **overrides)
     for dtype, b in ((torch.bfloat16, 2), (torch.float32, 4)):
         found = ref.open_cache_bytes(config, dtype)
         assert found["per_token"] == ref.open_kv_bytes_closed_form(config, b)
@@ -186,3 +187,41 @@ def test_an_in_memory_export_loads_back(family):
     with torch.no_grad():
         torch.testing.assert_close(model(case["idx"]).logits, case["logits"], rtol=0, atol=1e-6)
     assert lab11.safetensors_keys(save(state)) == sorted(state)
+
+
+# ---------------------------------------------------------------- the hidden checks' own planted bugs
+def test_minimal_published_configs():
+    """OPEN_PUBLISHED_MINIMAL is open_minimal of each published config.json (the optional fields at transformers'
+    defaults left out), and builds the same model: the same counts."""
+    for name, config in ref.OPEN_PUBLISHED.items():
+        assert ref.open_minimal(config) == ref.OPEN_PUBLISHED_MINIMAL[name]
+        for active in (False, True):
+            assert ref.open_meta_numel(ref.OPEN_PUBLISHED_MINIMAL[name], active) == \
+                ref.OPEN_PUBLISHED_COUNTS[(name, active)]
+    assert "q_lora_rank" not in ref.OPEN_PUBLISHED_MINIMAL["DeepSeek-V3"]
+    assert "num_experts" not in ref.OPEN_PUBLISHED_MINIMAL["Jamba v0.1"]
+
+
+def _hidden_bug_cases():
+    import buggy_lab11
+
+    return [(check_id, factory, message) for check_id, planted in buggy_lab11.HIDDEN_BUGS.items()
+            for factory, message in planted]
+
+
+@pytest.mark.parametrize("check_id,factory,message", _hidden_bug_cases(),
+                         ids=[f.__name__ for _, f, _ in _hidden_bug_cases()])
+def test_hidden_check_catches_planted_bug(check_id, factory, message):
+    """Bugs that only the hidden checks' configs reach (DeepSeek-V3 with rope_interleave false and its routing
+    defaults, with attention biases) fail there with the right message."""
+    import re
+
+    from labkit.checks import hidden_checks
+    from notebook_code import solution_namespace
+
+    hidden = {h.id: h for h in hidden_checks("11")}[check_id]
+    student = factory(solution_namespace("11-open-models"))
+    inputs = hidden.make_inputs(0)
+    with pytest.raises(AssertionError) as failure:
+        hidden.verdict(inputs, hidden.run_collect(inputs, *student))
+    assert re.search(message, str(failure.value)), str(failure.value)[:600]

@@ -2132,9 +2132,13 @@ def open_case(family: str, seed: int, sizes: str = "{}", batch: tuple = (2, 7), 
     """The reference of one Lab 11 check case (a dict: family, config, state, idx, its logits and per-layer outputs
     "layers", the prompt, transformers' greedy "tokens" after it, their smallest "margin" and the "draws" it took), the same in every process for the same arguments: a model of
     ``OPEN_SIZES[family]`` updated by ``sizes`` (a JSON object, so that the cache can key on it), weights drawn by :func:`open_weights` from
-    ``seed``, random ids of shape ``batch`` and a prompt of shape ``prompt``. The weights are redrawn (at most 20
+    ``seed``, random ids of shape ``batch`` and a prompt of shape ``prompt``; ``sizes``' "omit" lists fields of
+    OPEN_SIZES[family] to leave out (at their class default, the config dict leaves them out too). The weights are redrawn (at most 20
     times) until every greedy step of transformers' ``generate`` has a top-1 / top-2 gap of at least OPEN_MARGIN."""
-    config = open_config_dict(family, OPEN_SIZES[family] | json.loads(sizes))
+    sizes = OPEN_SIZES[family] | json.loads(sizes)
+    for key in sizes.pop("omit", ()):  # left to transformers' default (and to the student's)
+        sizes.pop(key, None)
+    config = open_config_dict(family, sizes)
     g = torch.Generator().manual_seed(seed)
     model = open_model(config)
     for draw in range(1, 21):
@@ -2427,6 +2431,48 @@ OPEN_JAMBA_V01 = {"model_type": "jamba", "vocab_size": 65536, "hidden_size": 409
                   "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
 OPEN_PUBLISHED = {"Llama 3 8B": OPEN_LLAMA3_8B, "Mixtral 8x7B": OPEN_MIXTRAL_8X7B, "DeepSeek-V3": OPEN_DEEPSEEK_V3,
                   "Mamba-2.8B": OPEN_MAMBA_2_8B, "Jamba v0.1": OPEN_JAMBA_V01}
+# The fields a config.json may leave out, per family (the notebook's DEFAULTS): transformers fills them with its
+# class defaults, and so must the student's code.
+OPEN_OPTIONAL = {
+    "llama": ("head_dim", "rms_norm_eps", "tie_word_embeddings", "rope_parameters", "attention_bias", "mlp_bias"),
+    "mixtral": ("head_dim", "rms_norm_eps", "tie_word_embeddings", "rope_parameters", "sliding_window"),
+    "deepseek_v3": ("rms_norm_eps", "tie_word_embeddings", "attention_bias", "rope_parameters", "rope_interleave",
+                    "q_lora_rank", "n_shared_experts", "n_group", "topk_group", "routed_scaling_factor",
+                    "norm_topk_prob", "first_k_dense_replace"),
+    "mamba": ("state_size", "expand", "conv_kernel", "time_step_rank", "layer_norm_epsilon", "use_bias",
+              "use_conv_bias", "tie_word_embeddings"),
+    "jamba": ("num_experts", "num_experts_per_tok", "attn_layer_period", "attn_layer_offset", "expert_layer_period",
+              "expert_layer_offset", "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank",
+              "mamba_conv_bias", "mamba_proj_bias", "rms_norm_eps", "tie_word_embeddings"),
+}
+
+
+def open_minimal(config: dict) -> dict:
+    """``config`` without the optional fields (OPEN_OPTIONAL) whose absence changes nothing in transformers'
+    configuration (the field at its class default, or "auto" giving the same rank): a config.json as short as the
+    notebook's PUBLISHED, whose defaults the student's code must fill in."""
+    family = config["model_type"]
+    copied = lambda c: json.loads(json.dumps(c))  # transformers rewrites a nested rope_scaling dict in place
+    full = open_config(copied(config)).to_dict()
+    out = copied(config)
+    for key in OPEN_OPTIONAL[family]:
+        if key in out:
+            trial = {k: v for k, v in out.items() if k != key}
+            if open_config(copied(trial)).to_dict().get(key) == full.get(key):
+                out = trial
+    return out
+
+
+# The published configurations less their optional fields at transformers' defaults (open_minimal, pinned by
+# tests/test_references_11.py; written out so that importing the checks builds no configuration).
+OPEN_PUBLISHED_MINIMAL = {
+    "Llama 3 8B": {k: v for k, v in OPEN_LLAMA3_8B.items() if k != "tie_word_embeddings"},
+    "Mixtral 8x7B": {k: v for k, v in OPEN_MIXTRAL_8X7B.items() if k not in ("rms_norm_eps", "tie_word_embeddings",
+                                                                             "sliding_window")},
+    "DeepSeek-V3": {k: v for k, v in OPEN_DEEPSEEK_V3.items() if k not in OPEN_OPTIONAL["deepseek_v3"]},
+    "Mamba-2.8B": {k: OPEN_MAMBA_2_8B[k] for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")},
+    "Jamba v0.1": {k: v for k, v in OPEN_JAMBA_V01.items() if k not in OPEN_OPTIONAL["jamba"]},
+}
 # (name, active) -> count: pinned by tests/test_references_11.py against open_meta_numel (the checks read them here)
 OPEN_PUBLISHED_COUNTS = {("Llama 3 8B", False): 8_030_261_248, ("Llama 3 8B", True): 8_030_261_248,
                          ("Mixtral 8x7B", False): 46_702_792_704, ("Mixtral 8x7B", True): 12_879_925_248,

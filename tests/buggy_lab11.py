@@ -540,6 +540,19 @@ def generate_model_with(ns, bug: str):
     return build_with(ns, bug) + (ns["generate"],)
 
 
+def partial_rope_with(ns, bug: str):
+    """load_hf_state_dict that de-interleaves the rope rows of the queries only, or of the shared key only."""
+    copy = rebound(ns)
+
+    def rope_rows(model):
+        keep = "kv_a_proj" if bug == "k_only" else "q"
+        return {k: v for k, v in ns["rope_rows"](model).items()
+                if k.split(".")[3].startswith(keep)}  # BUG: one side's rope rows left interleaved
+
+    copy["rope_rows"] = rope_rows
+    return ns["build_model"], copy["load_hf_state_dict"]
+
+
 def bug(factory, name: str):
     """A factory of one planted bug, named after it (the test ids show the name)."""
     made = lambda ns: factory(ns, name)
@@ -562,6 +575,8 @@ BUGS = {
                                                                r"output differs.*DeepSeek rope rows look interleaved.*"
                                                                r"De-interleave the rope part of q_b_proj"),
         (bug(LO, "deepseek_whole"), LOGITS.format(DEEPSEEK) + r".*de-interleaved across all heads"),
+        (bug(partial_rope_with, "q_only"), LOGITS.format(DEEPSEEK) + r".*de-interleaved but not the key's"),
+        (bug(partial_rope_with, "k_only"), LOGITS.format(DEEPSEEK) + r".*de-interleaved but not the queries'"),
         (bug(LO, "kv_reversed"), LOGITS.format(LLAMA) + r".*GQA head order mixed up: the key-value heads"),
         (bug(LO, "kv_tiled"), LOGITS.format(LLAMA) + r".*reads key-value head h % num_key_value_heads"),
         (bug(LO, "up_first"), LOGITS.format(MIXTRAL) + r".*read up rows first"),

@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from labkit.memory import PeakTensorMemory
 
-__all__ = ["ConcatCache", "FixedLogits", "FusedAttention", "PackageCalls", "PeakTensorMemory", "attempt", "build", "forbidding", "load_state",
+__all__ = ["ConcatCache", "FixedLogits", "FusedAttention", "PackageCalls", "PeakTensorMemory", "attempt", "build", "float_pair", "forbidding", "load_state",
            "load_weights", "run_cases"]
 RAISED = "raised"  # the key of an attempt that raised: {"raised": "TypeError: ..."}
 
@@ -63,6 +63,20 @@ def attempt(fn, *args, **kwargs):
         raise
     except Exception as error:  # reported by verify, with the case that raised it
         return {RAISED: f"{type(error).__name__}: {error}"[:500]}
+
+
+def float_pair(got, expected: str = "a tuple of 2 numbers"):
+    """A result as two floats, or a record of what came back instead (it fits any schema): an attempt that raised
+    passes through, anything else is described as "returned a <type> of <n>, expected <expected>"."""
+    if isinstance(got, dict) and set(got) == {RAISED}:
+        return got
+    if isinstance(got, (tuple, list)) and len(got) == 2:
+        try:
+            return [float(v) for v in got]
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    size = f" of {len(got)}" if isinstance(got, (tuple, list, dict)) else ""
+    return {RAISED: f"returned a {type(got).__name__}{size}, expected {expected}"}
 
 
 # ---------------------------------------------------------------- forbidden built-ins

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from labkit.checks import close, compare, define, first_match, raised, references as ref, seeded_generator
-from labkit.checks.kernel import FusedAttention, attempt, load_weights
+from labkit.checks.kernel import FusedAttention, attempt, float_pair, load_weights
 
 F64 = torch.float64
 
@@ -419,18 +419,6 @@ def optimal_collect(inputs: dict, chinchilla_loss, compute_optimal, CHINCHILLA, 
     constants = {}
     for name, value in (("CHINCHILLA", CHINCHILLA), ("EPOCH", EPOCH)):
         constants[name] = dict(value) if isinstance(value, dict) else {"raised": f"{type(value).__name__}, not a dict"}
-    def pair(got):
-        """A result as two floats, or a record of what came back instead (it fits any schema)."""
-        if isinstance(got, dict) and set(got) == {"raised"}:
-            return got
-        if isinstance(got, (tuple, list)) and len(got) == 2:
-            try:
-                return [float(v) for v in got]
-            except (TypeError, ValueError, RuntimeError):
-                pass
-        size = f" of {len(got)}" if isinstance(got, (tuple, list, dict)) else ""
-        return {"raised": f"returned a {type(got).__name__}{size}, expected a tuple of 2 numbers"}
-
     out, changed = [], []
     for case in inputs["sets"]:
         def call(name, fn, *args):
@@ -441,10 +429,10 @@ def optimal_collect(inputs: dict, chinchilla_loss, compute_optimal, CHINCHILLA, 
             return got
         out.append({"floats": [call("chinchilla_loss", chinchilla_loss, N, D) for N, D in case["floats"]],
                     "tensors": call("chinchilla_loss", chinchilla_loss, case["N"].clone(), case["D"].clone()),
-                    "optimal": [pair(call("compute_optimal", compute_optimal, C)) for C in case["budgets"]]})
+                    "optimal": [float_pair(call("compute_optimal", compute_optimal, C)) for C in case["budgets"]]})
     own = {}
     for name, value in (("CHINCHILLA", CHINCHILLA), ("EPOCH", EPOCH)):
-        own[name] = [pair(attempt(compute_optimal, C, dict(value))) if isinstance(value, dict) else None
+        own[name] = [float_pair(attempt(compute_optimal, C, dict(value))) if isinstance(value, dict) else None
                      for C in inputs["table"]]
     return {"constants": constants, "sets": out, "changed": changed, "own": own}
 
@@ -929,22 +917,12 @@ def isoflop_inputs(seed: int, parabolas=((1e15, 5), (1e16, 7), (1e17, 6), (3e17,
 
 def isoflop_collect(inputs: dict, isoflop_minima) -> dict:
     """Each case's result, on copies of the runs, and whether the call changed the list or its dicts."""
-    def pair(got):
-        """A (C, N_opt) pair as two floats, or a record of what came back instead (it fits any schema)."""
-        if isinstance(got, (tuple, list)) and len(got) == 2:
-            try:
-                return [float(v) for v in got]
-            except (TypeError, ValueError, RuntimeError):
-                pass
-        size = f" of {len(got)}" if isinstance(got, (tuple, list, dict)) else ""
-        return {"raised": f"returned a {type(got).__name__}{size}, expected a (C, N_opt) pair"}
-
     out = []
     for case in inputs["cases"]:
         runs = [dict(run) for run in case["runs"]]
         got = attempt(isoflop_minima, runs)
         if isinstance(got, (list, tuple)):
-            got = [pair(p) for p in got]
+            got = [float_pair(p, "a (C, N_opt) pair") for p in got]
         elif not (isinstance(got, dict) and set(got) == {"raised"}):
             got = {"raised": f"returned a {type(got).__name__}, expected a list of (C, N_opt) pairs"}
         out.append({"minima": got, "changed": runs != case["runs"]})

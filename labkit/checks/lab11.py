@@ -277,6 +277,10 @@ VARIANTS = {
                        "De-interleave the rope part of q_b_proj (or q_proj) per head (the last qk_rope_head_dim rows "
                        "of each head: rows 0, 2, 4, ..., then 1, 3, 5, ...) and the last qk_rope_head_dim rows of "
                        "kv_a_proj_with_mqa",
+    "deepseek_q_only": "the queries' rope rows are de-interleaved but not the key's: also reorder the last "
+                       "qk_rope_head_dim rows of kv_a_proj_with_mqa (0, 2, 4, ..., then 1, 3, 5, ...)",
+    "deepseek_k_only": "the key's rope rows are de-interleaved but not the queries': also reorder the last "
+                       "qk_rope_head_dim rows of each head of q_b_proj (or q_proj)",
     "deepseek_deinterleave_whole": "the rope rows of q_b_proj were de-interleaved across all heads at once: "
                                    "de-interleave the qk_rope_head_dim rope rows of each head on their own",
     "kv_heads_reversed": "GQA head order mixed up: the key-value heads of k_proj and v_proj come out in another "

@@ -2249,6 +2249,20 @@ def open_variant(config: dict, state: dict, variant: str) -> nn.Module | None:
         if family != "deepseek_v3":
             return None
         changes["rope_interleave"] = False
+    elif variant in ("deepseek_q_only", "deepseek_k_only"):  # the rope rows of one side left interleaved
+        if family != "deepseek_v3":
+            return None
+        n, r = c.qk_nope_head_dim, c.qk_rope_head_dim
+        undo = rope_halves_order(r).argsort()  # rotate-half on rows as stored = the interleaved model on these rows
+        for p in attn:
+            if variant == "deepseek_k_only":
+                key = f"{p}.self_attn.q_b_proj.weight" if c.q_lora_rank else f"{p}.self_attn.q_proj.weight"
+                state[key] = permute_head_rows(state[key], H, n + r, undo, n, r)
+            else:
+                for kind in ("weight", "bias"):
+                    key = f"{p}.self_attn.kv_a_proj_with_mqa.{kind}"
+                    if key in state:
+                        state[key] = permute_head_rows(state[key], 1, c.kv_lora_rank + r, undo, c.kv_lora_rank, r)
     elif variant == "deepseek_deinterleave_whole":  # the rope rows de-interleaved across all heads, not per head
         if family != "deepseek_v3":
             return None
